@@ -1,0 +1,12 @@
+"""`archlab bench NAME`: benchmarks are programs, not tests (STYLE.md #12).
+
+Each module here exposes ``main(argv: list[str]) -> int``; ``BENCHES`` maps the
+CLI name to the module path so a typo lists the valid names.
+"""
+
+BENCHES = {
+    "attention": "experiments.bench.attention",
+    "kernels": "experiments.bench.kernels",
+    "mixers": "experiments.bench.mixers",
+    "moe": "experiments.bench.moe",
+}
