@@ -23,6 +23,12 @@ PRESETS: dict[str, tuple[Callable[..., ModelConfig], tuple[str, ...]]] = {
     "llama": (llama, ("tiny", "small", "8b")),
 }
 
+# --- family registrations: each family inserts `from archs import fam` and
+# `PRESETS.update(fam.PRESETS)` directly below its marker ---
+# [linear-time mixers, issue 3]
+# [sparse/local/memory attention, issue 4]
+# [mixture of experts, issue 5]
+
 
 def names() -> list[str]:
     return sorted(PRESETS)

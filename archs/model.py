@@ -28,6 +28,13 @@ from layers.embed import Embedding
 from layers.norms import make_norm
 from layers.typing import Array
 
+# RNG streams the train loop provides when ``train=True`` (noisy routing, feature redraws, dropout).
+RNG_STREAMS = ("dropout", "noise", "features")
+# Non-gradient variables (e.g. the aux-loss-free router bias) live in this collection;
+# the train loop applies the model with it mutable and stores the new values after
+# the optimizer step.
+STATE_COLLECTION = "state"
+
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -58,7 +65,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, train):
         cfg, spec = self.cfg, self.spec
         dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         h = make_norm(cfg.norm, cfg.norm_eps, dt, pdt, name="mixer_norm")(x)
@@ -69,13 +76,13 @@ class Block(nn.Module):
             new_cache["conv"] = conv_state
         y, mix_cache = spec.mixer.make(cfg.d_model, dt, pdt, name="mixer")(
             h, positions=positions, segment_ids=segment_ids,
-            cache=None if cache is None else cache["mixer"])
+            cache=None if cache is None else cache["mixer"], train=train)
         new_cache["mixer"] = mix_cache
         x = x + y.astype(x.dtype)
         aux = {}
         if spec.ffn is not None:
             h = make_norm(cfg.norm, cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
-            y, aux = spec.ffn.make(cfg.d_model, dt, pdt, name="ffn")(h)
+            y, aux = spec.ffn.make(cfg.d_model, dt, pdt, name="ffn")(h, train=train)
             x = x + y.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, (new_cache if cache is not None else None), aux
@@ -86,11 +93,11 @@ class Group(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, train=False):
         caches, losses, metrics = [], {}, {}
         for i, spec in enumerate(self.cfg.pattern):
             x, c, aux = Block(spec, self.cfg, name=f"block_{i}")(
-                x, positions, segment_ids, None if cache is None else cache[i])
+                x, positions, segment_ids, None if cache is None else cache[i], train)
             caches.append(c)
             for name, val in aux.get("losses", {}).items():   # summed over blocks
                 losses[name] = losses.get(name, 0.0) + val
@@ -101,7 +108,11 @@ class Group(nn.Module):
 
 
 class LM(nn.Module):
-    """Decoder language model: tokens [B, T] int32 -> (logits [B, T, V] fp32, aux)."""
+    """Decoder language model: tokens [B, T] int32 -> (logits [B, T, V] fp32, aux).
+
+    ``train=True`` enables training-only randomness (noisy routing, feature redraws),
+    drawn from the RNG streams in ``RNG_STREAMS`` passed to ``apply(..., rngs=...)``.
+    """
     cfg: ModelConfig
 
     def setup(self):
@@ -110,11 +121,12 @@ class LM(nn.Module):
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, dt, pdt)
         group = Group
         if cfg.remat != "none":
-            group = nn.remat(Group, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+            group = nn.remat(Group, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
+                             static_argnums=(5,))
         if cfg.scan_layers:
-            scanned = nn.scan(group, variable_axes={"params": 0},
-                              split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, 0), out_axes=0,
+            scanned = nn.scan(group, variable_axes={"params": 0, STATE_COLLECTION: 0},
+                              split_rngs={"params": True, **{r: True for r in RNG_STREAMS}},
+                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0,
                               length=cfg.n_groups, metadata_params={nn.PARTITION_NAME: "layers"})
             self.layers = scanned(cfg)
         else:
@@ -126,7 +138,8 @@ class LM(nn.Module):
                                  kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")))
 
     def __call__(self, tokens: Array, *, positions: Array | None = None,
-                 segment_ids: Array | None = None, cache: dict | None = None):
+                 segment_ids: Array | None = None, cache: DecodeCache | None = None,
+                 train: bool = False):
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] int32, got shape {tokens.shape}")
@@ -145,13 +158,14 @@ class LM(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         layer_cache = None if cache is None else cache.layers
         if cfg.scan_layers:
-            x, (new_layers, aux) = self.layers(x, positions, segment_ids, layer_cache)
+            x, (new_layers, aux) = self.layers(x, positions, segment_ids, layer_cache, train)
             aux = {"losses": {k: v.sum() for k, v in aux["losses"].items()},
                    "metrics": aux["metrics"]}
         else:
             new_layers, auxes = [], []
             for i, grp in enumerate(self.layers):
-                x, (c, a) = grp(x, positions, segment_ids, None if cache is None else layer_cache[i])
+                x, (c, a) = grp(x, positions, segment_ids,
+                                None if cache is None else layer_cache[i], train)
                 new_layers.append(c)
                 auxes.append(a)
             aux = {"losses": {k: sum(a["losses"][k] for a in auxes) for k in auxes[0]["losses"]},

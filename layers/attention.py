@@ -124,7 +124,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, train: bool = False) -> tuple[Array, KVCache | None]:
         cfg = self.cfg
         h, kh, dh = cfg.n_heads, cfg.kv_heads, cfg.dh(self.d_model)
 

@@ -1,7 +1,10 @@
 """Feed-forward blocks: SwiGLU (Shazeer 2020; Llama sizing) and the GELU MLP (GPT-2).
 
-FFN modules return ``(y, aux)`` so dense and MoE FFNs are interchangeable in a
-block; ``aux`` is a dict of named auxiliary losses/diagnostics (empty here).
+FFN contract: a frozen config dataclass with ``validate(d_model, path)`` and
+``make(d_model, dtype, param_dtype, name) -> module``; the module is called as
+``module(x [B, T, D], train=bool) -> (y [B, T, D], aux)`` with
+``aux = {"losses": {name: scalar}, "metrics": {name: array}}`` (either key may be
+absent), so dense and MoE FFNs are interchangeable in a block.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class FFN(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> tuple[Array, dict]:
+    def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, dict]:
         f = self.cfg.hidden_dim(self.d_model)
         mk = lambda feat, axes, name: dense(feat, axes, self.dtype, self.param_dtype, name,
                                             self.cfg.use_bias)

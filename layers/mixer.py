@@ -3,8 +3,8 @@
 A mixer is described by a frozen config dataclass (a :class:`MixerConfig`
 subclass) that builds a Flax Linen module. Every mixer provides:
 
-1. parallel form: ``module(x [B, T, D], positions=[B, T], segment_ids=None|[B, T])
-   -> (y [B, T, D], None)``;
+1. parallel form: ``module(x [B, T, D], positions=[B, T], segment_ids=None|[B, T],
+   train=False) -> (y [B, T, D], None)``;
 2. decode form: ``cfg.init_cache(d_model, batch, max_len, dtype)`` returns a typed
    cache pytree (KV cache for attention, a fixed-size state for recurrent mixers);
    ``module(x, positions=..., cache=cache) -> (y, new_cache)`` processes T >= 1 new
