@@ -26,8 +26,17 @@ PRESETS: dict[str, tuple[Callable[..., ModelConfig], tuple[str, ...]]] = {
 # --- family registrations: each family inserts `from archs import fam` and
 # `PRESETS.update(fam.PRESETS)` directly below its marker ---
 # [linear-time mixers, issue 3]
+from archs import linear, retnet, rwkv, ssm
+PRESETS.update(ssm.PRESETS)
+PRESETS.update(rwkv.PRESETS)
+PRESETS.update(retnet.PRESETS)
+PRESETS.update(linear.PRESETS)
 # [sparse/local/memory attention, issue 4]
+from archs import sparse
+PRESETS.update(sparse.PRESETS)
 # [mixture of experts, issue 5]
+from archs import moe
+PRESETS.update(moe.PRESETS)
 
 
 def names() -> list[str]:

@@ -5,22 +5,22 @@ returns a ``Batch`` of ``[B, T]`` arrays. Conventions shared by all tasks:
 
 * Next-token convention: ``targets[:, t]`` is what the model must emit at position
   ``t`` after reading ``inputs[:, :t + 1]``. Scored positions (``loss_mask == 1``)
-  hold the task's answers; every other position holds the next input token (0 at
-  the last position), so a full-sequence LM loss is well defined but carries no
-  task signal. Loss and accuracy should use the mask.
-* Token 0 is pad / blank / filler. Task-specific special tokens sit at the top of
-  the vocabulary (``V - 1``, ``V - 2``); content tokens lie in between. Each task
-  documents its map; ``min_vocab()`` accounts for it. Tokens ``>= min_vocab`` that
-  a task does not use are simply never emitted.
-* Each example is drawn from its own key (``split(key, B)``) by a vmapped
-  ``_example``; no Python or numpy randomness. ``batch_key`` folds the seed, the
-  stream (train/eval) and the step, so a resumed run sees the same batches.
-* ``for_eval(T)`` returns the same task at length ``T``; knobs that are fractions
-  (passkey ``depth``) or derived from ``T`` (selective-copy ``L``, copy
-  ``copy_len=None``) scale with it, counts (``num_kv_pairs``, ``num_tokens``) do not.
+  hold the answers; the others hold the next input token (0 at the last position),
+  so a full LM loss is defined but carries no task signal: use the mask.
+* Token 0 is pad / blank / filler; task-specific special tokens sit at the top of
+  the vocabulary (``V - 1``, ``V - 2``), content tokens in between (per-task maps
+  in the class docstrings; ``min_vocab()`` accounts for them).
+* Randomness: one ``uniform(key, [B, U])`` draw per batch (a single threefry call
+  keeps CPU compiles fast); each example's row is cut into the named pieces of
+  ``_draws`` for a vmapped ``_example``. Integers are ``floor(u * n)`` (2^23 levels,
+  fine for vocabularies far below that), draws without replacement Gumbel top-k.
+* ``for_eval(T)`` is the same task at length ``T``: fractions (passkey ``depth``)
+  and T-derived sizes (selective-copy ``L``, ``copy_len=None``) scale, counts
+  (``num_kv_pairs``, ``num_tokens``, a fixed ``copy_len``) do not.
 """
 
 import dataclasses
+import itertools
 import math
 from typing import ClassVar, NamedTuple
 
@@ -42,22 +42,36 @@ def _err(path: str, field: str, value, allowed: str) -> ValueError:
     return ValueError(f"{path}.{field}={value!r} {allowed}")
 
 
-def _distinct(key: Array, logits: Array, k: int) -> Array:
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _distinct(u: Array, logits: Array, k: int) -> Array:
     """k distinct indices into ``logits`` [N], drawn one after another with p ∝ exp(logits).
 
-    Gumbel top-k: the order of the result is the draw order, so it is the same
-    distribution as numpy's ``choice(N, k, replace=False, p=softmax(logits))``.
+    Gumbel top-k over uniforms ``u`` [N] in (0, 1): the order of the result is the
+    draw order, the same distribution as numpy's ``choice(N, k, replace=False,
+    p=softmax(logits))``.
     """
-    return jax.lax.top_k(logits + jax.random.gumbel(key, logits.shape), k)[1]
+    return jax.lax.top_k(logits - jnp.log(-jnp.log(u)), k)[1]
+
+
+def _ints(u: Array, low: int, high: int) -> Array:
+    """Uniform integers in ``[low, high)`` from uniforms ``u`` in (0, 1), same shape."""
+    return low + jnp.minimum((u * (high - low)).astype(jnp.int32), high - low - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """Base class: sequence length, vocabulary, validation and batching.
 
-    Subclasses add their knobs as fields and implement ``_example``; ``int`` fields
-    must be positive, ``float`` fields finite, ``bool`` fields booleans (checked
-    generically); anything else is checked in ``_check``.
+    Subclasses add knobs as fields (``int`` fields must be positive, ``float``
+    fields finite, ``bool`` fields booleans; the rest is checked in ``_check``) and
+    implement ``min_vocab``, ``_draws`` and ``_example``.
     """
 
     name: ClassVar[str] = "task"
@@ -73,8 +87,10 @@ class TaskConfig:
     def _check(self, path: str) -> None:
         """Task-specific validation (after the generic type/positivity checks)."""
 
-    def _example(self, key: Array) -> tuple[Array, Array, Array]:
-        """One example: inputs [T], answers [T] (read where scored), scored [T] bool."""
+    def _draws(self) -> dict[str, int]:  # name -> uniforms per example, the pieces _example gets
+        raise NotImplementedError
+
+    def _example(self, u: dict[str, Array]) -> tuple[Array, Array, Array]:  # inputs, answers, scored: [T]
         raise NotImplementedError
 
     def validate(self, path: str = "task") -> None:
@@ -83,11 +99,9 @@ class TaskConfig:
             v = getattr(self, f.name)
             if f.type is bool and not isinstance(v, bool):
                 raise _err(path, f.name, v, "must be a bool")
-            if f.type is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if f.type is int and not _is_count(v):
                 raise _err(path, f.name, v, "must be a positive int")
-            if f.type is float and (
-                not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-            ):
+            if f.type is float and not _is_real(v):
                 raise _err(path, f.name, v, "must be a finite float")
         self._check(path)
         need = self.min_vocab()
@@ -98,7 +112,8 @@ class TaskConfig:
 
     def _need_len(self, path: str, need: int, knobs: str) -> None:
         if self.seq_len < need:
-            raise _err(path, "seq_len", self.seq_len, f"is too short for {self.name} with {knobs}: need >= {need}")
+            msg = f"is too short for {self.name} with {knobs}: need >= {need}"
+            raise _err(path, "seq_len", self.seq_len, msg)
 
     def sample(self, key: Array, batch_size: int) -> Batch:
         """Draw a batch; pure and jit-able with ``batch_size`` static.
@@ -111,9 +126,12 @@ class TaskConfig:
           ``Batch`` with inputs/targets [B, T] int32 and loss_mask [B, T] float32.
         """
         self.validate()
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not _is_count(batch_size):
             raise ValueError(f"batch_size={batch_size!r} must be a positive int (static under jit)")
-        inputs, answers, scored = jax.vmap(self._example)(jax.random.split(key, batch_size))
+        sizes = self._draws()
+        u = jax.random.uniform(key, (batch_size, sum(sizes.values())), minval=jnp.finfo(jnp.float32).tiny)
+        parts = dict(zip(sizes, jnp.split(u, list(itertools.accumulate(sizes.values()))[:-1], axis=1)))
+        inputs, answers, scored = jax.vmap(self._example)(parts)
         inputs = inputs.astype(jnp.int32)  # [B, T]
         next_tok = jnp.pad(inputs[:, 1:], ((0, 0), (0, 1)))  # [B, T]
         targets = jnp.where(scored, answers.astype(jnp.int32), next_tok)
@@ -138,9 +156,10 @@ class MQAR(TaskConfig):
     slots; kv distinct slots are drawn without replacement with p(g) ∝ (g+1)^(a-1)
     (g = slot index from the end of the prefix, a = ``power_a``: 0.01 favours short
     gaps, 1.0 is uniform), and each key is queried once, at the start of its slot
-    (position ``2 kv + 2 g``). As in Zoology, the value is *not* written into the
-    inputs: it is the target at the query position (the model has just read the
-    key), and the next input is filler, so a model never sees its own answers.
+    (position ``2 kv + 2 g``). As in Zoology's generator, the answer is *not*
+    written after the query: it is the target at the query position (the model
+    has just read the key) and the next input is filler, so the model never reads
+    an answer it is scored on.
     Exactly kv positions are scored. Filler is 0, or uniform ``1..V-1`` with
     ``random_non_queries`` (it may then coincide with a key; it is never scored).
     Odd T leaves the final position as filler. Special tokens: 0 only.
@@ -161,17 +180,21 @@ class MQAR(TaskConfig):
             raise _err(path, "power_a", self.power_a, "must be > 0 (1.0 = uniform gaps)")
         self._need_len(path, 4 * self.num_kv_pairs, f"num_kv_pairs={self.num_kv_pairs}")
 
-    def _example(self, key):
+    def _draws(self):
+        t, v, kv = self.seq_len, self.vocab_size, self.num_kv_pairs
+        fill = t if self.random_non_queries else 0
+        return {"keys": v // 2 - 1, "values": v - v // 2, "slots": (t - 2 * kv) // 2, "fill": fill}
+
+    def _example(self, u):
         kv, t, v = self.num_kv_pairs, self.seq_len, self.vocab_size
         h = v // 2
-        k_key, k_val, k_slot, k_fill = jax.random.split(key, 4)
-        keys = 1 + _distinct(k_key, jnp.zeros(h - 1), kv)  # [kv]
-        values = h + _distinct(k_val, jnp.zeros(v - h), kv)  # [kv]
+        keys = 1 + _distinct(u["keys"], jnp.zeros(h - 1), kv)  # [kv]
+        values = h + _distinct(u["values"], jnp.zeros(v - h), kv)  # [kv]
         gaps = jnp.arange((t - 2 * kv) // 2, dtype=jnp.float32)
-        slots = _distinct(k_slot, (self.power_a - 1.0) * jnp.log1p(gaps), kv)  # [kv]
+        slots = _distinct(u["slots"], (self.power_a - 1.0) * jnp.log1p(gaps), kv)  # [kv]
         qpos = 2 * kv + 2 * slots
         if self.random_non_queries:
-            inputs = jax.random.randint(k_fill, (t,), 1, v)
+            inputs = _ints(u["fill"], 1, v)
         else:
             inputs = jnp.zeros((t,), jnp.int32)
         inputs = inputs.at[: 2 * kv].set(jnp.stack([keys, values], -1).reshape(-1))
@@ -209,15 +232,18 @@ class SelectiveCopy(TaskConfig):
 
     def _check(self, path: str) -> None:
         if self.alphabet_size < 4:
-            raise _err(path, "alphabet_size", self.alphabet_size, "must be >= 4 (blank, marker, >= 2 data tokens)")
+            msg = "must be >= 4 (blank, marker, >= 2 data tokens)"
+            raise _err(path, "alphabet_size", self.alphabet_size, msg)
         self._need_len(path, 2 * self.num_tokens, f"num_tokens={self.num_tokens}")
 
-    def _example(self, key):
+    def _draws(self):
+        return {"pos": self.seq_len - self.num_tokens, "data": self.num_tokens}
+
+    def _example(self, u):
         m, t, a = self.num_tokens, self.seq_len, self.alphabet_size
         blanks = t - m
-        k_pos, k_data = jax.random.split(key)
-        pos = jnp.sort(_distinct(k_pos, jnp.zeros(blanks), m))  # [M]
-        data = jax.random.randint(k_data, (m,), 1, a - 1)  # [M]
+        pos = jnp.sort(_distinct(u["pos"], jnp.zeros(blanks), m))  # [M]
+        data = _ints(u["data"], 1, a - 1)  # [M]
         region = jnp.zeros((blanks,), jnp.int32).at[pos].set(data)
         inputs = jnp.concatenate([region, jnp.full((m,), a - 1, jnp.int32)])
         answers = jnp.concatenate([jnp.zeros((blanks,), jnp.int32), data])
@@ -251,11 +277,13 @@ class InductionHeads(TaskConfig):
     def _check(self, path: str) -> None:
         self._need_len(path, 3, "a trigger, its value and the final trigger")
 
-    def _example(self, key):
+    def _draws(self):
+        return {"tokens": self.seq_len, "pos": 1}
+
+    def _example(self, u):
         t, trig = self.seq_len, self.vocab_size - 1
-        k_tok, k_pos = jax.random.split(key)
-        x = jax.random.randint(k_tok, (t,), 1, trig)
-        p = jax.random.randint(k_pos, (), 0, t - 2)
+        x = _ints(u["tokens"], 1, trig)
+        p = _ints(u["pos"][0], 0, t - 2)
         x = x.at[p].set(trig).at[t - 1].set(trig)
         answers = jnp.zeros((t,), jnp.int32).at[t - 1].set(x[p + 1])
         return x, answers, jnp.arange(t) == t - 1
@@ -272,18 +300,15 @@ class Passkey(TaskConfig):
                 targets  (next tokens)           d1 d2 .. dD       (scored: last D)
         n > 1:  needles are ``N k d1..dD``, the query is ``Q k d1..d_{D-1}``
 
-    The haystack is the first T - q positions (q = D, plus 1 with keys), cut into
-    needle-sized slots (b = 1 + D, plus 1 with keys); the n needles occupy n
-    distinct slots (any remainder < b is filler), all on the same grid so that
-    alignment cannot tell the queried needle apart. The queried needle sits at
-    slot ``round(depth * (S - 1))`` of the S slots (depth 0 = start, 1 = end of
-    the haystack) or, with ``depth=None``, a uniform slot; distractors take
-    uniform other slots. With n > 1 each needle carries a distinct key and the
-    query names the queried needle's key. The answer digits are teacher-forced
-    after the query (the model reads d1..d_{j-1} before emitting d_j), as in LM
-    passkey evaluation. Filler is 0, or with ``random_filler`` uniform
-    ``1..V-3``. Tokens: 0 filler, 1..10 the digits 0-9, 11..V-3 keys, V-2 Q,
-    V-1 N.
+    The haystack (all but the last D + keyed positions) is cut into S needle-sized
+    slots (the remainder is filler); needles sit on this grid, so alignment cannot
+    single out the queried one. It takes slot ``round(depth * (S - 1))`` (0 = start,
+    1 = end of the haystack) or a uniform one (``depth=None``); distractors take
+    uniform other slots and carry distinct keys, which the query names. The answer
+    digits are teacher-forced after the query (d_j is emitted after reading
+    d1..d_{j-1}), as in LM passkey evaluation. Filler is 0, or uniform ``1..V-3``
+    with ``random_filler``. Tokens: 0 filler, 1..10 the digits 0-9, 11..V-3 keys,
+    V-2 Q, V-1 N.
     """
 
     name: ClassVar[str] = "passkey"
@@ -299,34 +324,41 @@ class Passkey(TaskConfig):
 
     def _check(self, path: str) -> None:
         d = self.depth
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1):
+        if d is not None and not (_is_real(d) and 0 <= d <= 1):
             raise _err(path, "depth", d, "must be None (uniform) or a float in [0, 1]")
-        keyed = int(self.num_needles > 1)
-        need = self.num_needles * (1 + keyed + self.num_digits) + keyed + self.num_digits
+        keyed, b, _ = self._layout()
+        need = self.num_needles * b + keyed + self.num_digits
         self._need_len(path, need, f"num_digits={self.num_digits}, num_needles={self.num_needles}")
 
-    def _example(self, key):
+    def _layout(self) -> tuple[int, int, int]:
+        """(keyed, needle block length b, haystack length)."""
+        keyed = int(self.num_needles > 1)
+        return keyed, 1 + keyed + self.num_digits, self.seq_len - keyed - self.num_digits
+
+    def _draws(self):
+        keyed, b, hay = self._layout()
+        n, nd, t, v = self.num_needles, self.num_digits, self.seq_len, self.vocab_size
+        return {"digits": n * nd, "keys": (v - 13) * keyed, "slots": hay // b, "fill": t * self.random_filler}
+
+    def _example(self, u):
         t, v, n, nd = self.seq_len, self.vocab_size, self.num_needles, self.num_digits
-        keyed = n > 1
-        b = 2 + nd if keyed else 1 + nd  # needle block length
-        hay = t - (nd + keyed)  # haystack length
+        keyed, b, hay = self._layout()
         slots_n = hay // b
-        k_dig, k_key, k_slot, k_fill = jax.random.split(key, 4)
-        digits = jax.random.randint(k_dig, (n, nd), 1, 11)  # [n, D]; needle 0 is queried
+        digits = _ints(u["digits"], 1, 11).reshape(n, nd)  # [n, D]; needle 0 is queried
         logits = jnp.zeros(slots_n)
         if self.depth is not None:
             logits = logits.at[round(self.depth * (slots_n - 1))].set(jnp.inf)
-        slots = _distinct(k_slot, logits, n)  # [n]; slots[0] is the queried needle's
-        cols = [jnp.full((n, 1), v - 1)]
-        qblock = [jnp.full((1,), v - 2)]
+        slots = _distinct(u["slots"], logits, n)  # [n]; slots[0] is the queried needle's
+        cols = [jnp.full((n, 1), v - 1, jnp.int32)]
+        qblock = [jnp.full((1,), v - 2, jnp.int32)]
         if keyed:
-            keys = 11 + _distinct(k_key, jnp.zeros(v - 13), n)  # [n]
+            keys = 11 + _distinct(u["keys"], jnp.zeros(v - 13), n)  # [n]
             cols.append(keys[:, None])
             qblock.append(keys[:1])
         blocks = jnp.concatenate(cols + [digits], axis=1)  # [n, b]
         qblock = jnp.concatenate(qblock + [digits[0, :-1]])  # [t - hay]
         if self.random_filler:
-            inputs = jax.random.randint(k_fill, (t,), 1, v - 2)
+            inputs = _ints(u["fill"], 1, v - 2)
         else:
             inputs = jnp.zeros((t,), jnp.int32)
         where = (slots[:, None] * b + jnp.arange(b)).reshape(-1)  # [n * b]
@@ -365,13 +397,16 @@ class Copy(TaskConfig):
 
     def _check(self, path: str) -> None:
         c = self.copy_len
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        if c is not None and not _is_count(c):
             raise _err(path, "copy_len", c, "must be None (seq_len // 2) or a positive int")
         self._need_len(path, 2 * max(self.length, 1), f"copy_len={c!r}")
 
-    def _example(self, key):
+    def _draws(self):
+        return {"tokens": self.length}
+
+    def _example(self, u):
         t, n = self.seq_len, self.length
-        x = jax.random.randint(key, (n,), 1, self.vocab_size - 1)
+        x = _ints(u["tokens"], 1, self.vocab_size - 1)
         pad = jnp.zeros((t - 2 * n,), jnp.int32)
         sep = jnp.full((1,), self.vocab_size - 1, jnp.int32)
         inputs = jnp.concatenate([x, sep, x[:-1], pad])
@@ -380,9 +415,7 @@ class Copy(TaskConfig):
         return inputs, answers, (pos >= n) & (pos < 2 * n)
 
 
-TASKS: dict[str, type[TaskConfig]] = {
-    cls.name: cls for cls in (MQAR, SelectiveCopy, InductionHeads, Passkey, Copy)
-}
+TASKS: dict[str, type[TaskConfig]] = {c.name: c for c in (MQAR, SelectiveCopy, InductionHeads, Passkey, Copy)}
 
 
 def make_task(name: str, **kwargs) -> TaskConfig:
@@ -398,7 +431,9 @@ def make_task(name: str, **kwargs) -> TaskConfig:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(unknown)} for task {name!r}; valid fields: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown field(s) {', '.join(unknown)} for task {name!r}; valid fields: {', '.join(valid)}"
+        )
     task = cls(**kwargs)
     task.validate()
     return task

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 
 from layers.blockwise_attention import blockwise_attention
 from layers.mixer import MixerConfig, nbytes, one_of, positive
-from layers.positions import RopeConfig, alibi_slopes, apply_rope
+from layers.positions import RopeConfig, alibi_slopes, apply_rope, apply_xpos
 from layers.typing import Array, DType
 from pallas_kernels.flash_attention.reference import reference_attention
 
 ATTENTION_IMPLS = ("dense", "blockwise", "pallas")
-POSITION_SCHEMES = ("rope", "alibi", "none")
+POSITION_SCHEMES = ("rope", "alibi", "none", "xpos")
 
 
 class KVCache(NamedTuple):
@@ -80,7 +80,7 @@ class AttentionConfig(MixerConfig):
         if self.head_dim is None and d_model % self.n_heads:
             raise ValueError(f"model.d_model={d_model} must be divisible by {path}.n_heads="
                              f"{self.n_heads} (or set {path}.head_dim explicitly)")
-        if self.position == "rope":
+        if self.position in ("rope", "xpos"):
             if self.dh(d_model) % 2:
                 raise ValueError(f"{path}: head dim {self.dh(d_model)} is odd; RoPE rotates channel "
                                  "pairs and needs an even head dim")
@@ -128,22 +128,29 @@ class Attention(nn.Module):
         cfg = self.cfg
         h, kh, dh = cfg.n_heads, cfg.kv_heads, cfg.dh(self.d_model)
 
-        def proj(n, axes, name):
-            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-            return nn.DenseGeneral((n, dh), use_bias=cfg.qkv_bias, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name,
-                                   kernel_init=nn.with_logical_partitioning(init, ("embed",) + axes),
-                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes))
+        def proj(n, axes, name):  # [B, T, D] -> [B, T, n, Dh]
+            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=0, out_axis=(1, 2))
+            w = self.param(name, nn.with_logical_partitioning(init, ("embed",) + axes),
+                           (self.d_model, n, dh), self.param_dtype)
+            y = jnp.einsum("btd,dnh->btnh", x.astype(self.dtype), w.astype(self.dtype))
+            if cfg.qkv_bias:
+                y = y + self.param(f"{name}_bias", nn.with_logical_partitioning(
+                    nn.initializers.zeros, axes), (n, dh), self.param_dtype).astype(self.dtype)
+            return y
 
-        q = proj(h, ("heads", "head_dim"), "q")(x)    # [B, T, H, Dh]
-        k = proj(kh, ("kv_heads", "head_dim"), "k")(x)  # [B, T, K, Dh]
-        v = proj(kh, ("kv_heads", "head_dim"), "v")(x)
+        q = proj(h, ("heads", "head_dim"), "q")      # [B, T, H, Dh]
+        k = proj(kh, ("kv_heads", "head_dim"), "k")  # [B, T, K, Dh]
+        v = proj(kh, ("kv_heads", "head_dim"), "v")
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope)
             k = apply_rope(k, positions, cfg.rope)
+        elif cfg.position == "xpos":
+            q = apply_xpos(q, positions, cfg.rope, key=False)
+            k = apply_xpos(k, positions, cfg.rope, key=True)
         slopes = alibi_slopes(h) if cfg.position == "alibi" else None
 
         if cache is None:
@@ -158,8 +165,9 @@ class Attention(nn.Module):
                                       kv_len=idx + t, alibi_slopes=slopes)
             new_cache = KVCache(ck, cv, idx + t)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="o",
-                            kernel_init=nn.with_logical_partitioning(init, ("heads", "head_dim", "embed")))(out)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=(0, 1), out_axis=2)
+        wo = self.param("o", nn.with_logical_partitioning(init, ("heads", "head_dim", "embed")),
+                        (h, dh, self.d_model), self.param_dtype)
+        y = jnp.einsum("bthd,hdm->btm", out.astype(self.dtype), wo.astype(self.dtype))
         return y, new_cache

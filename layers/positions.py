@@ -1,5 +1,5 @@
 """Position schemes: RoPE (Su et al. 2021) in Llama's rotate-half layout with
-context extension, and ALiBi (Press et al. 2022).
+context extension, xPos (Sun et al. 2022) and ALiBi (Press et al. 2022).
 
 RoPE rotates channel pairs ``(i, i + Dh/2)`` of q and k by ``pos * theta_i`` with
 ``theta_i = base^(-2i/Dh)``, so the score ``<R(m) q, R(n) k>`` depends on ``m - n``
@@ -11,6 +11,12 @@ only. Context extension (all three change only the frequencies/scale):
   ``r_i = original_max_len / lambda_i`` below ``beta_slow`` are interpolated by
   ``factor``, above ``beta_fast`` kept, linearly ramped between; q and k are both
   scaled by ``0.1 ln(factor) + 1`` (the paper's sqrt(1/t)).
+
+xPos multiplies the RoPE-rotated channel pair ``i`` of q by ``zeta_i^(n / gamma)`` and of
+k by ``zeta_i^(-m / gamma)`` with ``zeta_i = (i / (Dh/2) + 0.4) / 1.4`` and ``gamma =
+xpos_scale_base`` (paper: 512), so the score gains the decay ``zeta_i^((n - m) / gamma)``.
+Positions are not re-centred (decoding needs one fixed origin), so the fp32 scale
+factors stay finite up to roughly 35 * gamma positions.
 
 Positions are explicit ``[B, T]`` int inputs so decoding (offset positions) and packed
 sequences (positions restarting per segment) work.
@@ -37,6 +43,7 @@ class RopeConfig:
     original_max_len: int = 2048   # YaRN: training context of the unscaled model
     beta_fast: float = 32.0        # YaRN ramp ends
     beta_slow: float = 1.0
+    xpos_scale_base: float = 512.0  # xPos gamma (used only with position="xpos")
 
     def validate(self, path: str = "rope") -> None:
         if self.scaling not in ROPE_SCALINGS:
@@ -45,6 +52,8 @@ class RopeConfig:
             raise ValueError(f"{path}.base={self.base} must be > 1")
         if self.factor < 1:
             raise ValueError(f"{path}.factor={self.factor} must be >= 1 (it extends the context)")
+        if self.xpos_scale_base <= 0:
+            raise ValueError(f"{path}.xpos_scale_base={self.xpos_scale_base} must be positive")
         if self.original_max_len <= 0:
             raise ValueError(f"{path}.original_max_len={self.original_max_len} must be positive")
 
@@ -79,6 +88,17 @@ def apply_rope(x: Array, positions: Array, cfg: RopeConfig) -> Array:
     x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def apply_xpos(x: Array, positions: Array, cfg: RopeConfig, *, key: bool) -> Array:
+    """xPos: RoPE (with ``cfg``'s frequencies) times ``zeta^(+-pos / gamma)``; ``key=True``
+    for keys (negative exponent). x: [B, T, H, Dh], positions: [B, T]."""
+    dh = x.shape[-1]
+    zeta = (jnp.arange(dh // 2, dtype=jnp.float32) / (dh // 2) + 0.4) / 1.4       # [Dh/2]
+    expo = positions.astype(jnp.float32)[..., None] / cfg.xpos_scale_base * (-1.0 if key else 1.0)
+    scale = jnp.power(zeta, expo)                                                 # [B, T, Dh/2]
+    scale = jnp.concatenate([scale, scale], axis=-1)[:, :, None, :]
+    return (apply_rope(x, positions, cfg).astype(jnp.float32) * scale).astype(x.dtype)
 
 
 def alibi_slopes(n_heads: int) -> Array:

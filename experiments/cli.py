@@ -1,0 +1,126 @@
+"""The ``archlab`` command line: run, report, bench, list.
+
+Configuration errors (bad field, unknown preset, existing run directory, mismatched
+checkpoint) print ``archlab: error: ...`` and exit with code 2 before compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+
+def _run(args) -> int:
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    from experiments import config as config_lib
+    from experiments import report, train
+
+    runs = config_lib.load_experiment_file(args.config, smoke=args.smoke)
+    runs = [config_lib.with_overrides(r, args.set or []) for r in runs]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {r.name for r in runs}
+        if unknown:
+            raise ValueError(f"--only: unknown run name(s) {sorted(unknown)}; runs: {[r.name for r in runs]}")
+        runs = [r for r in runs if r.name in wanted]
+    for r in runs:  # everything is validated before the first compile
+        r.validate()
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    single = len(runs) == 1 and not args.only
+    dirs = []
+    for r in runs:
+        run_dir = out if single else os.path.join(out, r.name)
+        summary = train.run(r, run_dir, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress, write_report=single)
+        acc = ", ".join(f"acc@{k}={v:.3f}" for k, v in summary["eval"].items())
+        print(f"[{r.name}] {acc}  ({summary['tokens_per_s']:,.0f} train tokens/s) -> {run_dir}")
+        dirs.append(run_dir)
+    path = report.write_report(dirs, out, title=f"archlab: {os.path.basename(args.config)}")
+    print(f"report: {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from experiments import report
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
+    print(f"report: {report.write_report(args.run_dirs, out)}")
+    return 0
+
+
+def _bench(args, rest) -> int:
+    from experiments.bench import BENCHES
+    if args.name not in BENCHES:
+        raise ValueError(f"unknown benchmark {args.name!r}; valid: {sorted(BENCHES)}")
+    try:
+        module = importlib.import_module(BENCHES[args.name])
+    except ModuleNotFoundError as e:
+        raise ValueError(f"benchmark {args.name!r} is not available ({e})") from e
+    return module.main(rest)
+
+
+def _list(args) -> int:
+    import archs
+    from experiments.tasks import TASKS
+    print("presets (name: sizes; causal):")
+    for name in archs.names():
+        sizes = archs.sizes(name)
+        print(f"  {name}: {', '.join(sizes)}; {'causal' if archs.preset(name, sizes[0]).causal else 'bidirectional'}")
+    print("tasks:", ", ".join(sorted(TASKS)))
+    here = os.path.join(os.path.dirname(__file__), "configs")
+    files = sorted(f for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
+    print("experiment files (experiments/configs/):")
+    for f in files:
+        print(f"  {f}")
+    from experiments.bench import BENCHES
+    print("benchmarks:", ", ".join(sorted(BENCHES)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="archlab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the run(s) of an experiment file and report")
+    r.add_argument("config", help="experiment file (defines get_config or get_sweep)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, value parsed as a Python literal (repeatable)")
+    r.add_argument("--out", help="output directory (default runs/<config name>)")
+    r.add_argument("--smoke", action="store_true", help="the file's CPU-sized smoke variant")
+    r.add_argument("--only", help="comma-separated run names of a sweep to run")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    rp = sub.add_parser("report", help="compare run directories")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="where report.md and PNGs go")
+    b = sub.add_parser("bench", help="benchmarks: attention, kernels, mixers, moe")
+    b.add_argument("name")
+    sub.add_parser("list", help="presets, tasks, experiment files, benchmarks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "bench":
+            return _bench(args, rest)
+        return _list(args)
+    except ValueError as e:
+        print(f"archlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

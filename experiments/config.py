@@ -1,0 +1,248 @@
+"""Experiment configuration: frozen dataclasses, the experiment-file loader, ``--set``
+overrides, JSON serialization and validation before anything compiles.
+
+An experiment file (``experiments/configs/*.py``) starts with a docstring (the
+command and the expected result) and defines ``get_config(smoke=False)`` and/or
+``get_sweep(smoke=False)`` returning ``ExperimentConfig`` / a list of them.
+``--set a.b=value`` parses ``value`` with ``ast.literal_eval`` (never ``eval``);
+tuples in a path are indexed by position (``model.pattern.0.mixer.impl='blockwise'``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any
+
+from archs.config import ModelConfig
+from experiments.tasks import TaskConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW (Loshchilov & Hutter 2019) with global-norm clipping."""
+    lr: float = 1e-3
+    weight_decay: float = 0.1      # applied to matrices (ndim >= 2) only
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    grad_clip: float = 1.0         # global norm; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warmup then cosine decay to ``final_lr_fraction * lr``."""
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes (size -1 fills the remaining devices) and logical->mesh rules.
+
+    ``rules`` maps each logical axis name used by the model to a mesh axis, a tuple
+    of mesh axes, or None (replicated). Model code names only logical axes.
+    """
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, Any], ...] = (
+        ("batch", ("data", "fsdp", "expert")),
+        ("length", None), ("act_embed", None),
+        ("embed", "fsdp"), ("vocab", "tensor"),
+        ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
+        ("expert", "expert"), ("layers", None), ("norm", None), ("conv", None), ("state", None),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0      # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    segment_len: int | None = None  # split sequences into segments carrying the cache (Transformer-XL / TBPTT)
+    loss_on_all_tokens: bool = False  # False: loss only on scored positions (Zoology setting)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 100               # evaluate every N steps (and at the end)
+    lengths: tuple[int, ...] = ()  # evaluation sequence lengths; () = the training length
+    batches: int = 4
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    model: ModelConfig
+    task: TaskConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+    group: str = ""                # runs sharing a group are one cell; the report keeps the best
+    arch: str = ""                 # label in reports/plots; "" = model.name
+
+    @property
+    def eval_lengths(self) -> tuple[int, ...]:
+        return self.eval.lengths or (self.task.seq_len,)
+
+    def validate(self) -> None:
+        """Everything checkable without compiling; ValueError names field, value, allowed."""
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r} must be a non-empty string without '/'")
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig (e.g. archs.preset(...)), got {type(self.model).__name__}")
+        if not isinstance(self.task, TaskConfig):
+            raise ValueError(f"task must be a TaskConfig (experiments.tasks.make_task(...)), got {type(self.task).__name__}")
+        self.model.validate("model")
+        self.task.validate("task")
+        if self.model.vocab_size < self.task.vocab_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than "
+                             f"task.vocab_size={self.task.vocab_size}; the model must cover the task's tokens")
+        if not self.model.causal:
+            raise ValueError(f"model {self.model.name!r} is not causal: on next-token tasks a bidirectional "
+                             "mixer sees the answer it must predict (a leak). Use a causal mixer.")
+        for i, length in enumerate(self.eval_lengths):
+            if not isinstance(length, int) or length <= 0:
+                raise ValueError(f"eval.lengths[{i}]={length!r} must be a positive int")
+            if length > self.model.max_len:
+                raise ValueError(f"eval.lengths[{i}]={length} exceeds model.max_len={self.model.max_len}")
+            self.task.for_eval(length).validate(f"task(at eval length {length})")
+        if self.task.seq_len > self.model.max_len:
+            raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={self.model.max_len}")
+        o, s, t, e = self.optimizer, self.schedule, self.train, self.eval
+        for path, v in [("optimizer.lr", o.lr), ("optimizer.b1", o.b1), ("optimizer.b2", o.b2)]:
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{path}={v!r} must be a positive number")
+        if o.weight_decay < 0 or o.grad_clip < 0:
+            raise ValueError(f"optimizer.weight_decay={o.weight_decay} and optimizer.grad_clip={o.grad_clip} must be >= 0")
+        if s.warmup_steps < 0 or not 0 <= s.final_lr_fraction <= 1:
+            raise ValueError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0 and "
+                             f"schedule.final_lr_fraction={s.final_lr_fraction} in [0, 1]")
+        for path, v in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                        ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                        ("eval.every", e.every), ("eval.batches", e.batches), ("eval.batch_size", e.batch_size)]:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{path}={v!r} must be a positive integer")
+        if t.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: final only)")
+        if t.segment_len is not None and (t.segment_len <= 0 or self.task.seq_len % t.segment_len):
+            raise ValueError(f"train.segment_len={t.segment_len} must be a positive divisor of "
+                             f"task.seq_len={self.task.seq_len}")
+        for axis in ("data", "fsdp", "expert", "tensor"):
+            v = getattr(self.mesh, axis)
+            if not isinstance(v, int) or (v <= 0 and v != -1):
+                raise ValueError(f"mesh.{axis}={v!r} must be a positive int or -1 (fill)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_experiment_file(path: str, smoke: bool = False) -> list[ExperimentConfig]:
+    """Imports an experiment file and returns its runs (``get_sweep`` or ``[get_config()]``)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"experiment file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"archlab_experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "get_sweep"):
+        runs = list(module.get_sweep(smoke=smoke))
+    elif hasattr(module, "get_config"):
+        runs = [module.get_config(smoke=smoke)]
+    else:
+        raise ValueError(f"experiment file {path!r} defines neither get_config() nor get_sweep()")
+    if not runs:
+        raise ValueError(f"experiment file {path!r} returned no runs")
+    names = [r.name for r in runs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"experiment file {path!r}: run names must be unique, repeated: {sorted(dup)}")
+    return runs
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], literal). Unquoted words stay strings."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ValueError(f"--set {text!r}: empty key")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word such as layernorm
+    return key.split("."), value
+
+
+def apply_override(obj: Any, path: list[str], value: Any, full: str = "") -> Any:
+    """Returns ``obj`` with the field at ``path`` replaced (dataclasses, tuples, dicts)."""
+    full = full or ".".join(path)
+    head, rest = path[0], path[1:]
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if head not in names:
+            raise ValueError(f"--set {full}: {type(obj).__name__} has no field {head!r}; valid fields: {names}")
+        cur = getattr(obj, head)
+        new = apply_override(cur, rest, value, full) if rest else _coerce(cur, value, full)
+        return dataclasses.replace(obj, **{head: new})
+    if isinstance(obj, tuple) and rest is not None:
+        if not head.isdigit() or int(head) >= len(obj):
+            raise ValueError(f"--set {full}: {head!r} is not an index of a {len(obj)}-tuple")
+        i = int(head)
+        new = apply_override(obj[i], rest, value, full) if rest else _coerce(obj[i], value, full)
+        return obj[:i] + (new,) + obj[i + 1:]
+    raise ValueError(f"--set {full}: cannot descend into {type(obj).__name__} at {head!r}")
+
+
+def _coerce(cur: Any, value: Any, full: str) -> Any:
+    if cur is None or value is None:
+        return value
+    if isinstance(cur, bool) != isinstance(value, bool):
+        raise ValueError(f"--set {full}={value!r}: expected a bool like the current value {cur!r}")
+    if isinstance(cur, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(cur, tuple) and isinstance(value, list):
+        return tuple(value)
+    if dataclasses.is_dataclass(cur) or type(cur) is not type(value) and not (
+            isinstance(cur, (int, float)) and isinstance(value, (int, float))):
+        raise ValueError(f"--set {full}={value!r}: expected a {type(cur).__name__} like the current "
+                         f"value {cur!r}")
+    return value
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    for text in overrides:
+        path, value = parse_override(text)
+        cfg = apply_override(cfg, path, value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses -> dicts tagged with their class name; tuples -> lists."""
+    if dataclasses.is_dataclass(obj):
+        out = {"__class__": type(obj).__name__}
+        for f in dataclasses.fields(obj):
+            out[f.name] = to_jsonable(getattr(obj, f.name))
+        return out
+    if isinstance(obj, (tuple, list)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def config_json(cfg: ExperimentConfig) -> str:
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)

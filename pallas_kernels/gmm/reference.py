@@ -1,0 +1,95 @@
+"""Grouped matmul (MoE dispatch), the fp32 oracle, and the group bookkeeping.
+
+``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G_all])`` multiplies each run of
+rows of ``lhs`` by its group's weight matrix. Rows are sorted by group: global
+group ``e`` owns rows ``[ends[e] - group_sizes[e], ends[e])`` with
+``ends = cumsum(group_sizes)``.
+
+Group offset (expert parallelism). ``rhs`` holds ``G`` *local* groups, the global
+groups ``[group_offset, group_offset + G)``. ``group_sizes`` lists every global
+group (``G_all >= G`` entries; ``G_all == G`` when ``group_offset`` is None, which
+means offset 0). Then, for every row ``m``::
+
+    out[m] = lhs[m] @ rhs[e(m) - group_offset]   if group_offset <= e(m) < group_offset + G
+    out[m] = 0                                   otherwise (other shards' rows, or
+                                                 m >= sum(group_sizes))
+
+so an expert-parallel shard that sees all rows computes only its own experts
+(its rows elsewhere are zero and a ``psum`` over shards assembles the result).
+``group_offset`` may be a traced int32 scalar (e.g. ``axis_index * G``).
+If ``sum(group_sizes) > M`` the trailing groups are clipped at row ``M``.
+Group sizes must be non-negative (not checked: they are usually traced).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def local_bounds(group_sizes: Array, num_local: int, m: int,
+                 group_offset: Array | int | None = None) -> tuple[Array, Array]:
+    """Row range ``[starts[g], ends[g])`` of each local group, clipped to ``[0, m]``.
+
+    Returns two int32 ``[G]`` arrays (G = ``num_local``); empty groups have ``starts == ends``.
+    """
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    if group_offset is not None:  # needs group_offset + G <= G_all (dynamic_slice clamps)
+        off = jnp.asarray(group_offset, jnp.int32)
+        starts = jax.lax.dynamic_slice_in_dim(starts, off, num_local)
+        ends = jax.lax.dynamic_slice_in_dim(ends, off, num_local)
+    return jnp.minimum(starts, m), jnp.minimum(ends, m)
+
+
+def tile_group_range(starts: Array, ends: Array, block_m: int, tiles_m: int) -> tuple[Array, Array]:
+    """Local groups overlapping each row tile: ``[lo[i], hi[i])``, two int32 ``[tiles_m]``.
+
+    Tile ``i`` covers rows ``[i * block_m, (i + 1) * block_m)``. A group counts when
+    ``ends > tile_start`` and ``starts < tile_end``; an empty group strictly inside a
+    tile is counted (it costs one masked tile product), so
+    ``sum(hi - lo) <= tiles_m + G - 1``.
+    """
+    t0 = jnp.arange(tiles_m, dtype=jnp.int32) * block_m
+    lo = jnp.searchsorted(ends, t0, side="right").astype(jnp.int32)
+    hi = jnp.searchsorted(starts, t0 + block_m, side="left").astype(jnp.int32)
+    return lo, jnp.maximum(hi, lo)
+
+
+def row_groups(group_sizes: Array, num_local: int, m: int,
+               group_offset: Array | int | None = None) -> Array:
+    """Local group index of each row, ``[M]`` int32, or -1 for rows no local group owns."""
+    starts, ends = local_bounds(group_sizes, num_local, m, group_offset)
+    rows = jnp.arange(m, dtype=jnp.int32)[:, None]
+    owned = (rows >= starts[None]) & (rows < ends[None])  # [M, G]
+    return jnp.where(owned.any(-1), jnp.argmax(owned, -1), -1).astype(jnp.int32)
+
+
+def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array, *, impl=None,
+                  group_offset: Array | int | None = None) -> Array:
+    """Dense grouped matmul in fp32: every group times every row, then select.
+
+    Costs ``G`` times the FLOPs of the useful work; it is the test oracle.
+
+    Args:
+      lhs: [M, K] rows sorted by group.
+      rhs: [G, K, N] one weight matrix per local group.
+      group_sizes: [G_all] int32 rows per global group (G_all == G without offset).
+      impl: accepted for signature parity with ``gmm``; must be None or "xla".
+      group_offset: first global group held by ``rhs`` (see the module docstring).
+
+    Returns:
+      [M, N] in the result dtype of lhs and rhs.
+    """
+    if impl not in (None, "xla"):
+        raise ValueError(f"gmm_reference: impl={impl!r} not allowed; use None or 'xla'")
+    m, g = lhs.shape[0], rhs.shape[0]
+    gid = row_groups(group_sizes, g, m, group_offset)  # [M]
+    every = jnp.einsum("mk,gkn->gmn", lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)  # [G, M, N]
+    picked = jnp.take_along_axis(every, jnp.maximum(gid, 0)[None, :, None], axis=0)[0]
+    out = jnp.where((gid >= 0)[:, None], picked, 0.0)
+    return out.astype(jnp.result_type(lhs.dtype, rhs.dtype))
