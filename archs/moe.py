@@ -13,11 +13,15 @@
   WITHOUT renormalization, a shared expert (4 fine experts wide) behind a sigmoid gate,
   load-balancing loss 1e-3.
 
+* ``jamba`` (Lieber et al. 2024): groups of 8 layers, Mamba mixers with one attention
+  layer (a:m = 1:7, attention at index 4 of the group, no positional encoding); the FFN
+  is a MoE (16 experts, top-2, dropless, aux loss 1e-3) every other layer (e = 2) and a
+  dense SwiGLU otherwise. Scaled down: 8 experts in ``tiny``/``small``.
+
 Sizes follow archs/llama.py: ``tiny`` (tests, < 1M params) and ``small`` (CPU
-experiments, about 2M params, vocab 512). Every routed expert count and total expert
-width is the same across the four presets of one size, so they differ in routing only
-(plus the shared experts). ``jamba`` (Mamba + attention 7:1, MoE every other layer)
-is not here: it waits for the Mamba mixer.
+experiments, about 2M params, vocab 512). Within one size the four attention presets
+share the routed expert count and total expert width, so they differ in routing only
+(plus the shared experts).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import dataclasses
 
 from archs.config import BlockSpec, ModelConfig
 from layers.attention import AttentionConfig
+from layers.ffn import FFNConfig
+from layers.mamba import MambaConfig
 from layers.moe import MoEConfig
 from layers.positions import RopeConfig
 
@@ -76,6 +82,18 @@ def qwen_moe(size: str = "small", **_) -> ModelConfig:
     return _model("qwen_moe", size, moe)
 
 
+def jamba(size: str = "small", **_) -> ModelConfig:
+    d, _, h, kh, w, vocab, max_len = SIZES[size]
+    attn = AttentionConfig(n_heads=h, n_kv_heads=kh, position="none")
+    moe = MoEConfig(n_experts=8, top_k=2, hidden=w // 2, dispatch="dropless",
+                    load_balance_coef=1e-3)
+    ffn = FFNConfig(activation="swiglu", multiple_of=16)
+    pattern = tuple(BlockSpec(mixer=attn if i == 4 else MambaConfig(),
+                              ffn=moe if i % 2 else ffn) for i in range(8))
+    return ModelConfig(name="jamba", vocab_size=vocab, d_model=d, n_layers=8, pattern=pattern,
+                       norm="rmsnorm", norm_eps=1e-6, tie_embeddings=True, max_len=max_len)
+
+
 def with_moe(cfg: ModelConfig, **fields) -> ModelConfig:
     """``cfg`` with ``fields`` replaced in every MoE FFN of the pattern."""
     blocks = tuple(dataclasses.replace(b, ffn=dataclasses.replace(b.ffn, **fields))
@@ -88,4 +106,5 @@ PRESETS = {
     "switch": (switch, ("tiny", "small")),
     "deepseek_moe": (deepseek_moe, ("tiny", "small")),
     "qwen_moe": (qwen_moe, ("tiny", "small")),
+    "jamba": (jamba, ("tiny", "small")),
 }

@@ -188,7 +188,7 @@ def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite:
                 ts.params, ts, step_batch, rng)
             updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
             params = optax.apply_updates(ts.params, updates)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
             metrics["lr"] = schedule(ts.step)
             new_state = new_state if ts.state else ts.state
             return TrainState(ts.step + 1, params, opt_state, new_state), metrics

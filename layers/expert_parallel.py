@@ -7,10 +7,10 @@ over every batch mesh axis present (``data``, ``fsdp``, ``expert``), and ``E / n
 experts (``n`` = size of the ``expert`` axis; the expert weights are sharded on their
 E axis). Per device::
 
-    buf  [g, E, C, D]      gather of its tokens into every expert's capacity slots
-    a2a  [n*g, E/n, C, D]  all-to-all: expert slices out, the other devices' groups in
-    out  [n*g, E/n, C, D]  its local experts, one batched matmul
-    a2a  [g, E, C, D]      all-to-all back; weighted scatter-add into its tokens
+    buf  [E, g*C, D]       gather of its tokens into every expert's capacity slots
+    a2a  [E/n, n*g*C, D]   all-to-all: expert slices out, the other devices' slots in
+    out  [E/n, n*g*C, D]   its local experts, one batched matmul
+    a2a  [E, g*C, D]       all-to-all back; weighted scatter-add into its tokens
 
 so results equal the single-device capacity path exactly. A ``data`` axis composes:
 the all-to-all runs within each ``expert`` row of the mesh, and the gradients of the
@@ -31,7 +31,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from layers.moe_dispatch import local_experts, run_plan
+from layers.moe_dispatch import expert_swiglu, run_plan
 from layers.typing import Array
 
 EXPERT_AXIS = "expert"
@@ -73,10 +73,10 @@ def expert_parallel_run(x: Array, slot_token: Array, slot_weight: Array, w: dict
     batch = P(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
     expert = P(EXPERT_AXIS)
 
-    def exchange(buf: Array, w_local: dict) -> Array:  # [g, E, C, D] -> [g, E, C, D]
-        buf = jax.lax.all_to_all(buf, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
-        out = local_experts(buf, w_local)                                # [n*g, E/n, C, D]
-        return jax.lax.all_to_all(out, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+    def exchange(buf: Array, w_local: dict) -> Array:  # [E, g*C, D] -> [E, g*C, D]
+        buf = jax.lax.all_to_all(buf, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+        out = expert_swiglu(buf, w_local)                                # [E/n, n*g*C, D]
+        return jax.lax.all_to_all(out, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
 
     def body(x, st, sw, w_local):
         return run_plan(x, st, sw, w_local, n_experts, experts_fn=exchange)

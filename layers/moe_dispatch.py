@@ -8,8 +8,8 @@ All paths compute the same thing whenever no token is dropped: for every token `
   matrix [N, E]. ``E`` times the active FLOPs; the test reference.
 * (b) capacity (:func:`capacity_plan` + :func:`run_plan`): per routing group (one
   sequence of S tokens), assignments are sorted by expert (argsort, priority kept
-  within an expert) and gathered into ``[E, C, D]`` buffers, the experts run as one
-  batched matmul over ``[E, G*C, D]`` and the results are scatter-added back with
+  within an expert) and gathered into ``[E, C, D]`` buffers per group, the experts run
+  as one batched matmul over ``[E, G*C, D]`` and the results are scatter-added back with
   their combine weights. Assignments past an expert's capacity C are dropped (the
   token passes through the residual). Priority (who is dropped first):
 
@@ -142,13 +142,6 @@ def expert_swiglu(h: Array, w: dict) -> Array:
     return jnp.einsum("erf,efd->erd", jax.nn.silu(a) * g, w["wo"].astype(dt))
 
 
-def local_experts(buf: Array, w: dict) -> Array:
-    """Capacity buffers [G, E, C, D] through their experts as one [E, G*C, D] batched matmul."""
-    g, e, c, d = buf.shape
-    h = jnp.transpose(buf, (1, 0, 2, 3)).reshape(e, g * c, d)
-    return jnp.transpose(expert_swiglu(h, w).reshape(e, g, c, d), (1, 0, 2, 3))
-
-
 def dense_moe(x: Array, combine: Array, w: dict) -> Array:
     """Reference: every expert on every token. x [N, D], combine [N, E] -> [N, D]."""
     e = combine.shape[-1]
@@ -157,20 +150,25 @@ def dense_moe(x: Array, combine: Array, w: dict) -> Array:
 
 
 def run_plan(x: Array, slot_token: Array, slot_weight: Array, w: dict, n_experts: int,
-             experts_fn: Callable[[Array, dict], Array] = local_experts) -> Array:
+             experts_fn: Callable[[Array, dict], Array] = expert_swiglu) -> Array:
     """Gather -> experts -> weighted scatter-add. x [G, S, D]; slots [G, E*C] -> [G, S, D].
 
-    ``experts_fn(buf [G, E, C, D], w) -> [G, E, C, D]`` runs the experts (the
-    expert-parallel path swaps in all-to-all around the local experts).
+    The buffers are gathered straight into the expert-major layout ``[E, G*C, D]``
+    (row ``g*C + c`` of expert e is slot c of group g), so the experts run as one batched
+    matmul with no activation transposes. ``experts_fn(buf [E, R, D], w) -> [E, R, D]``
+    (the expert-parallel path swaps in all-to-all around the local experts).
     """
     g, s, d = x.shape
-    c = slot_token.shape[-1] // n_experts
-    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # row S = empty slot
-    buf = jnp.take_along_axis(x_pad, slot_token[..., None], axis=1)      # [G, E*C, D]
-    out = experts_fn(buf.reshape(g, n_experts, c, d), w).reshape(g, n_experts * c, d)
-    out = out.astype(jnp.float32) * slot_weight[..., None].astype(jnp.float32)
-    y = jax.vmap(lambda o, t: jnp.zeros((s + 1, d), jnp.float32).at[t].add(o))(out, slot_token)
-    return y[:, :s].astype(x.dtype)
+    e = n_experts
+    c = slot_token.shape[-1] // e
+    flat = jnp.where(slot_token < s, slot_token + s * jnp.arange(g, dtype=jnp.int32)[:, None], g * s)
+    idx = jnp.transpose(flat.reshape(g, e, c), (1, 0, 2)).reshape(e, g * c)         # [E, G*C]
+    wt = jnp.transpose(slot_weight.reshape(g, e, c), (1, 0, 2)).reshape(e, g * c, 1)
+    x_pad = jnp.concatenate([x.reshape(g * s, d), jnp.zeros((1, d), x.dtype)])      # row G*S: empty
+    out = experts_fn(x_pad[idx], w)                                                 # [E, G*C, D]
+    out = (out.astype(jnp.float32) * wt.astype(jnp.float32)).reshape(e * g * c, d)
+    y = jnp.zeros((g * s + 1, d), jnp.float32).at[idx.reshape(-1)].add(out)
+    return y[:g * s].reshape(g, s, d).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- dropless
@@ -224,7 +222,8 @@ def onehot_moe(x: Array, experts: Array, weights: Array, w: dict, capacity: int,
     e = w["wi"].shape[0]
     disp, comb, kept = jax.vmap(lambda ex, wt, v: onehot_masks(ex, wt, e, capacity, priority, v))(
         experts, weights, valid if valid is not None else jnp.ones(experts.shape, bool))
-    buf = jnp.einsum("gsec,gsd->gecd", disp.astype(x.dtype), x)          # [G, E, C, D]
-    out = local_experts(buf, w)
-    y = jnp.einsum("gsec,gecd->gsd", comb, out.astype(jnp.float32)).astype(x.dtype)
+    g, _, d = x.shape
+    buf = jnp.einsum("gsec,gsd->egcd", disp.astype(x.dtype), x)          # [E, G, C, D]
+    out = expert_swiglu(buf.reshape(e, g * capacity, d), w).reshape(buf.shape)
+    y = jnp.einsum("gsec,egcd->gsd", comb, out.astype(jnp.float32)).astype(x.dtype)
     return y, kept

@@ -65,7 +65,8 @@ def block_states(fk: Array, v: Array, block: int, segment_ids: Array | None) -> 
     vc = pad(v.astype(jnp.float32)).reshape(b, nc, block, kh, dh)
     if segment_ids is None:
         kv = jnp.einsum("bcskd,bcske->bckde", fkc, vc)
-        s = jnp.cumsum(kv, axis=1) - kv                                # exclusive prefix sum
+        s = jnp.cumsum(kv, axis=1)
+        s = jnp.concatenate([jnp.zeros_like(s[:, :1]), s[:, :-1]], axis=1)   # exclusive prefix sum
         return s, None
     segc = pad(segment_ids, -1).reshape(b, nc, block)
     last = segment_ids[:, jnp.minimum(jnp.arange(nc) * block + block - 1, t - 1)]   # [B, nC]

@@ -9,6 +9,11 @@
 ``impl="pallas"`` on CPU runs them in interpret mode. What has been verified where
 is stated in each ``pallas.py`` docstring: interpret mode on CPU (values and
 gradients) and lowering to Triton IR; nothing has been run on a GPU or TPU yet.
+
+The functions shadow their subpackages as attributes of ``pallas_kernels``
+(``pallas_kernels.gmm`` is the function), so import submodules with
+``from pallas_kernels.gmm import ops`` / ``from pallas_kernels.gmm.ops import gmm_xla``,
+not ``import pallas_kernels.gmm.ops as ops``.
 """
 
 from pallas_kernels.flash_attention import flash_attention, reference_attention

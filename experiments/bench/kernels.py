@@ -22,7 +22,8 @@ gmm (``M = tokens * k`` rows sorted into E groups of random sizes, ``[M, D] x [E
   forward and 3x for forward+backward; ``vs_ragged``: ragged_dot time / row time.
 
 On CPU the Pallas rows are not timed (interpret mode is a correctness tool, far
-too slow to mean anything) and are listed as needing a GPU.
+too slow to mean anything) and are listed as needing a GPU. The default shapes are
+the issue's GPU shapes and are refused on other backends; ``--quick`` is CPU-sized.
 
   archlab bench kernels [--quick] [--only attention|gmm] [--repeats 5] [--out bench_out]
 """
@@ -201,6 +202,10 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
     s = QUICK if args.quick else DEFAULT
     gpu = jax.default_backend() == "gpu"
+    if not gpu and not args.quick:
+        raise ValueError(f"archlab bench kernels: the default shapes are the GPU shapes "
+                         f"(T={DEFAULT.t}, gmm M={DEFAULT.tokens * DEFAULT.topk}); on backend "
+                         f"{jax.default_backend()!r} use --quick")
     print_header(f"kernels: {'quick' if args.quick else 'default'} shapes {dataclasses.asdict(s)}")
     if not gpu:
         print(f"backend {jax.default_backend()}: Pallas rows {NEEDS_GPU}; XLA paths timed.")

@@ -184,7 +184,8 @@ def _tgmm_scan(lhs, dy, starts, ends, bm: int, out_dtype):
         x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_all, t * bm, bm), 0)
         y = jnp.where(mine, jax.lax.dynamic_slice_in_dim(y_all, t * bm, bm), 0)
         upd = jnp.einsum("mk,mn->kn", x, y, preferred_element_type=jnp.float32)
-        return acc.at[grp].add(upd), None
+        cur = jax.lax.dynamic_index_in_dim(acc, grp, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(acc, cur + upd, grp, 0), None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((g, k, n), jnp.float32),
                           _pairs(starts, ends, bm, mp // bm))

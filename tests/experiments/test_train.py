@@ -1,0 +1,111 @@
+"""The train loop end to end through the CLI: outputs, determinism, exact resume,
+run-directory protection, bad checkpoints, and the report."""
+
+import json
+import os
+import shutil
+import textwrap
+
+import pytest
+
+from experiments.cli import main
+
+CONFIG = textwrap.dedent('''
+    """Tiny test experiment: archlab run THIS --out DIR (trains in seconds)."""
+    import archs
+    from experiments.config import EvalConfig, ExperimentConfig, TrainConfig
+    from experiments.tasks import make_task
+
+    def get_config(smoke=False):
+        return ExperimentConfig(
+            name="tiny", model=archs.preset("llama", "tiny", vocab_size=32, d_model=32, max_len=64),
+            task=make_task("mqar", seq_len=16, vocab_size=32, num_kv_pairs=2),
+            train=TrainConfig(steps=8, batch_size=4, log_every=2, checkpoint_every=4),
+            eval=EvalConfig(every=4, lengths=(16, 32), batches=1, batch_size=4))
+''')
+
+
+def _rows(run_dir):
+    """Metric rows without wall-clock fields (the only thing allowed to differ)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        r.pop("tokens_per_s", None)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cfg = root / "tiny.py"
+    cfg.write_text(CONFIG)
+    out = root / "a"
+    assert main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    return root, cfg, out
+
+
+def test_run_writes_config_metrics_checkpoints_and_report(first_run):
+    root, cfg, out = first_run
+    for name in ("config.json", "metrics.jsonl", "report.md", "accuracy_vs_length.png", "loss.png"):
+        assert os.path.isfile(out / name), name
+    assert sorted(os.listdir(out / "checkpoints")) == ["4", "8"]
+    rows = _rows(out)
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert {(r["step"], r["length"]) for r in evals} == {(4, 16), (4, 32), (8, 16), (8, 32)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert "acc@32" in (out / "report.md").read_text()
+
+
+def test_same_config_and_seed_give_same_metrics_and_resume_is_exact(first_run):
+    root, cfg, out = first_run
+    again = root / "b"
+    assert main(["run", str(cfg), "--out", str(again), "--no-progress"]) == 0
+    assert _rows(again) == _rows(out)
+    # resume from the step-4 checkpoint: the re-run steps must reproduce the metrics exactly
+    resumed = root / "c"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")
+    assert main(["run", str(cfg), "--out", str(resumed), "--resume", "--no-progress"]) == 0
+    assert _rows(resumed) == _rows(out)
+
+
+def test_existing_run_directory_is_not_overwritten(first_run, capsys):
+    root, cfg, out = first_run
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+    # resume with a different model is refused before compiling
+    assert main(["run", str(cfg), "--out", str(out), "--resume", "--set", "model.d_model=64"]) == 2
+    assert "differs" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(first_run, capsys):
+    root, cfg, out = first_run
+    broken = root / "broken"
+    shutil.copytree(out, broken)
+    for dirpath, _, files in os.walk(broken / "checkpoints" / "8"):
+        for f in files:
+            with open(os.path.join(dirpath, f), "w") as fh:
+                fh.write("garbage")
+    assert main(["run", str(cfg), "--out", str(broken), "--resume", "--no-progress"]) == 2
+    assert "cannot be restored" in capsys.readouterr().err
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.py")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "nonsense"]) == 2
+    assert "valid" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert "llama" in capsys.readouterr().out
+
+
+def test_report_command_compares_runs(first_run):
+    root, cfg, out = first_run
+    rep = root / "cmp"
+    assert main(["report", str(out), str(root / "b"), "--out", str(rep)]) == 0
+    text = (rep / "report.md").read_text()
+    assert text.count("| tiny |") == 2
