@@ -8,7 +8,9 @@ Implementations (``AttentionConfig.impl``), all with the same semantics:
   materializes [B, H, T, S] scores — the reference.
 * ``"blockwise"``: pure-JAX online-softmax over key blocks with a custom VJP
   (``layers.blockwise_attention``): O(T * block) memory in forward and backward.
-* ``"pallas"``: ``pallas_kernels.flash_attention`` (Pallas on GPU/TPU; interpret mode on CPU).
+* ``"pallas"``: ``pallas_kernels.flash_attention(impl="pallas")``: the Triton-lowered
+  Pallas kernel on GPU, interpret mode on CPU (slow, for tests); refused on TPU (its
+  blocks do not meet Mosaic TPU tiling yet). ALiBi is not supported by the kernel.
 
 Decoding (a call with ``cache=``) always uses the dense path over the cache: T new
 queries against ``max_len`` keys with ``q_offset = cache.index`` and ``kv_len =

@@ -79,6 +79,8 @@ def strided_far(q, k, v, *, stride, n_strided, causal, segment_ids, slopes, bloc
     b, t = q.shape[:2]
     tp = -(-t // stride) * stride
     pad = lambda x, c=0: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2), constant_values=c)
+    if n_strided is not None:  # blocks of about the (regrouped) window keep the work O(T * n_strided)
+        block_q = block_k = min(block_q, max(8, n_strided))
     seg = segment_ids
     if seg is not None:
         seg = pad(seg, jnp.min(seg) - 1)

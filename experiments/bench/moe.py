@@ -4,7 +4,8 @@ with the same ACTIVE parameters (hidden width ``k * F``), for E experts and top-
 Paths: ``capacity`` (sort + [E, C, D] buffers + batched matmuls + scatter),
 ``dropless`` (sort + ``pallas_kernels.gmm``; its XLA scan on CPU), ``onehot`` (GShard
 einsum dispatch). Each row is the whole MoE layer (router, routing, dispatch), timed
-as ``jit(grad)`` of ``sum(y * cotangent)`` w.r.t. the input and every parameter.
+as ``jit(value_and_grad)`` of ``sum(y * cotangent)`` w.r.t. the input and every
+parameter.
 FLOPs are XLA's cost analysis of that compiled function; XLA counts a loop body once,
 so ``dropless`` (a ``lax.scan``) is undercounted there and ``flops_model`` gives the
 analytic matmul FLOPs of each path (6 matmuls per SwiGLU x 3 for fwd+bwd).
@@ -34,16 +35,16 @@ PATHS = ("capacity", "dropless", "onehot")
 
 def _grad_fn(module, x):
     """Compiled fwd+bwd of ``module`` and its arguments."""
-    params = module.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
     cot = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
 
-    def loss(p, x):
+    def loss(p, x, cot):  # value_and_grad: like training, the layer output is needed
         y, aux = module.apply(p, x)
         return jnp.sum(y * cot) + sum(jnp.sum(v) for v in aux.get("losses", {}).values())
 
-    fn = jax.grad(loss, argnums=(0, 1))
-    compiled, compile_s = compile_fn(fn, params, x)
-    return compiled, (params, x), compile_s
+    fn = jax.value_and_grad(loss, argnums=(0, 1))
+    compiled, compile_s = compile_fn(fn, params, x, cot)
+    return compiled, (params, x, cot), compile_s
 
 
 def _model_flops(path: str, n: int, seq: int, d: int, f: int, e: int, k: int, cf: float) -> float:

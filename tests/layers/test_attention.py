@@ -115,3 +115,21 @@ def test_attention_module_prefill_decode_equals_parallel(impl, window, position)
 def test_attention_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionConfig(**kwargs).validate(64, "model.pattern.0.mixer")
+
+
+def test_pallas_impl_through_the_layer_equals_dense():
+    """The layer's impl switch reaches the Pallas kernel (interpret mode on CPU)."""
+    dense = AttentionConfig(n_heads=4, n_kv_heads=2, impl="dense")
+    pallas = AttentionConfig(n_heads=4, n_kv_heads=2, impl="pallas")
+    x = normal(12, (2, 20, 32))
+    pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
+    p = dense.make(32, jnp.float32, jnp.float32).init(jax.random.PRNGKey(0), x, positions=pos)
+
+    def run(cfg):
+        mod = cfg.make(32, jnp.float32, jnp.float32)
+        f = lambda p, x: jnp.sum(mod.apply(p, x, positions=pos)[0] ** 2)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x)
+    (ld, (gpd, gxd)), (lp, (gpp, gxp)) = run(dense), run(pallas)
+    assert abs(float(ld) - float(lp)) < 1e-5 * abs(float(ld))
+    assert rel_rms(gxp, gxd) < 1e-5
+    assert max(rel_rms(a, b) for a, b in zip(jax.tree.leaves(gpp), jax.tree.leaves(gpd))) < 1e-5
