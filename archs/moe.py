@@ -26,8 +26,6 @@ share the routed expert count and total expert width, so they differ in routing 
 
 from __future__ import annotations
 
-import dataclasses
-
 from archs.config import BlockSpec, ModelConfig
 from layers.attention import AttentionConfig
 from layers.ffn import FFNConfig
@@ -92,13 +90,6 @@ def jamba(size: str = "small", **_) -> ModelConfig:
                               ffn=moe if i % 2 else ffn) for i in range(8))
     return ModelConfig(name="jamba", vocab_size=vocab, d_model=d, n_layers=8, pattern=pattern,
                        norm="rmsnorm", norm_eps=1e-6, tie_embeddings=True, max_len=max_len)
-
-
-def with_moe(cfg: ModelConfig, **fields) -> ModelConfig:
-    """``cfg`` with ``fields`` replaced in every MoE FFN of the pattern."""
-    blocks = tuple(dataclasses.replace(b, ffn=dataclasses.replace(b.ffn, **fields))
-                   if isinstance(b.ffn, MoEConfig) else b for b in cfg.pattern)
-    return dataclasses.replace(cfg, pattern=blocks)
 
 
 PRESETS = {

@@ -18,6 +18,12 @@ optional sigmoid gate on the shared output (Qwen2-MoE).
   ``"score"`` with k > 1 (``"score"`` for any k) let later tokens change which earlier
   tokens are processed, i.e. they leak the future in a decoder. ``validate`` refuses
   them unless ``allow_noncausal_routing=True`` (encoder settings); ``causal`` tells.
+* Packed rows (segment ids) form one routing group: under capacity dropping their
+  segments compete for capacity (the FFN contract carries no segment ids). Dropless
+  and dense dispatch are per token and unaffected.
+* Decoding (T = 1 per call): capacity is ``ceil(cf * k / E) >= 1`` per expert and a token
+  picks distinct experts, so a decode step never drops; prefill + decode equals the
+  full forward whenever the forward drops nothing.
 
 Non-gradient state (collection ``"state"`` = ``archs.model.STATE_COLLECTION``,
 scanned with the layers): ``router_bias`` [E] (DeepSeek-V3 aux-loss-free balancing)
