@@ -57,7 +57,7 @@ def _s(size):
 
 
 def sliding_window(size: str = "small") -> ModelConfig:
-    return _model("sliding_window", size, [SlidingWindowConfig(window=32 * _s(size), **_heads(size))])
+    return _model("sliding_window", size, [SlidingWindowConfig(window=16 * _s(size), **_heads(size))])
 
 
 def longformer(size: str = "small") -> ModelConfig:

@@ -34,7 +34,7 @@ class LinformerConfig(MixerConfig):
     n_kv_heads: int | None = None
     head_dim: int | None = None
     proj_len: int = 64                 # k in the paper
-    max_len: int = 8192                # rows of E, F: the longest sequence accepted
+    max_len: int = 16384               # rows of E, F: the longest sequence accepted
     position: str = "none"             # "none" (E, F see absolute positions) | "rope" | "xpos"
     rope: RopeConfig = RopeConfig()
 

