@@ -58,7 +58,8 @@ class ModelConfig:
 
     @property
     def causal(self) -> bool:
-        return all(b.mixer.causal for b in self.pattern)
+        # An FFN can break causality too (MoE expert-choice routing sees the whole sequence).
+        return all(b.mixer.causal and getattr(b.ffn, "causal", True) for b in self.pattern)
 
     @property
     def compute_dtype(self):

@@ -12,16 +12,16 @@
 * ``qwen_moe`` (Qwen1.5-MoE / Qwen2-MoE): 2-way fine-grained experts, softmax top-k
   WITHOUT renormalization, a shared expert (4 fine experts wide) behind a sigmoid gate,
   load-balancing loss 1e-3.
-
 * ``jamba`` (Lieber et al. 2024): groups of 8 layers, Mamba mixers with one attention
   layer (a:m = 1:7, attention at index 4 of the group, no positional encoding); the FFN
   is a MoE (16 experts, top-2, dropless, aux loss 1e-3) every other layer (e = 2) and a
-  dense SwiGLU otherwise. Scaled down: 8 experts in ``tiny``/``small``.
+  dense SwiGLU otherwise. Scaled down: 8 experts of width F / 2, and one 8-layer group
+  in both sizes (so ``tiny`` has 8 layers).
 
 Sizes follow archs/llama.py: ``tiny`` (tests, < 1M params) and ``small`` (CPU
 experiments, about 2M params, vocab 512). Within one size the four attention presets
-share the routed expert count and total expert width, so they differ in routing only
-(plus the shared experts).
+have the same total routed expert width (8 coarse experts of width F, split 1-, 2- or
+4-way), so they differ in routing and granularity (plus the shared experts).
 """
 
 from __future__ import annotations

@@ -133,6 +133,12 @@ def _slot_mask(ci, c, lists_c, segs_c, ks_all, dims, rule, bq, bk, cq):
     return ok, kj, qpos - kpos
 
 
+def _mm(bq: int, x: Array) -> Array:
+    """Operands of one-row blocks go to fp32: XLA:CPU has no bf16 x bf16 -> fp32
+    matrix-vector dot (and such products are bandwidth-bound anyway)."""
+    return x.astype(jnp.float32) if bq == 1 else x
+
+
 def _scores(qc, kg, d, slopes, scale):
     """qc [B, cq, bq, K, G, Dh], kg [B, K, cq, bk, Dh] -> fp32 [B, K, G, cq, bq, bk]."""
     sc = jnp.einsum("bnqkgd,bknsd->bkgnqs", qc, kg, preferred_element_type=jnp.float32) * scale
@@ -155,8 +161,8 @@ def _forward(q, k, v, lists, q_seg, kv_seg, slopes, static):
                 m, l, acc = carry
                 ok, kj, d = _slot_mask(ci, c, lc, sc_, None if segs is None else segs[1],
                                        dims, rule, bq, bk, cq)
-                kg, vg = _take_blocks(kb, kj), _take_blocks(vb, kj)
-                sc = jnp.where(ok[:, :, None], _scores(qcc, kg, d, slopes, scale), _NEG)
+                kg, vg = _mm(bq, _take_blocks(kb, kj)), _mm(bq, _take_blocks(vb, kj))
+                sc = jnp.where(ok[:, :, None], _scores(_mm(bq, qcc), kg, d, slopes, scale), _NEG)
                 m_new = jnp.maximum(m, sc.max(-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(sc - m_safe[..., None])
@@ -207,10 +213,11 @@ def _backward(q, k, v, lists, q_seg, kv_seg, slopes, out, lse, dout, static):
                 dq, dkb, dvb = carry
                 ok, kj, d = _slot_mask(ci, c, lc, sc_, None if segs is None else segs[1],
                                        dims, rule, bq, bk, cq)
-                kg, vg = _take_blocks(kb, kj), _take_blocks(vb, kj)
-                p = jnp.where(ok[:, :, None], jnp.exp(_scores(qcc, kg, d, slopes, scale)
+                kg, vg = _mm(bq, _take_blocks(kb, kj)), _mm(bq, _take_blocks(vb, kj))
+                p = jnp.where(ok[:, :, None], jnp.exp(_scores(_mm(bq, qcc), kg, d, slopes, scale)
                                                       - lsec[..., None]), 0.0)
-                dp = jnp.einsum("bnqkgd,bknsd->bkgnqs", doc, vg, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bnqkgd,bknsd->bkgnqs", _mm(bq, doc), vg,
+                                preferred_element_type=jnp.float32)
                 ds = p * (dp - dl[..., None])
                 dq = dq + jnp.einsum("bkgnqs,bknsd->bnqkgd", ds, kg.astype(jnp.float32)) * scale
                 dk = jnp.einsum("bkgnqs,bnqkgd->bknsd", ds, qcc.astype(jnp.float32)) * scale

@@ -60,6 +60,17 @@ def _inner_range(outer: Array, ob: int, ib: int, n_inner: int, lo: float, hi: fl
     return jnp.asarray(first, jnp.int32), jnp.asarray(last, jnp.int32), count
 
 
+def band_lists(nq: int, nk: int, bq: int, bk: int, causal: bool,
+               window: int | None) -> tuple[Array, Array]:
+    """Key blocks a causal and/or windowed band can reach from each query block:
+    ``(idx, valid)`` of shape [nq, count] with a static ``count`` (the window's trip
+    count; all key blocks without a window, those above the diagonal invalid)."""
+    lo, hi = _delta_bounds(causal, window)
+    first, last, count = _inner_range(jnp.arange(nq), bq, bk, nk, lo, hi, q_outer=True)
+    idx = jnp.broadcast_to(first, (nq,))[:, None] + jnp.arange(count)
+    return idx, idx <= jnp.broadcast_to(last, (nq,))[:, None]
+
+
 def blockwise_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
                         window: int | None = None, segment_ids=None,
                         alibi_slopes: Array | None = None, scale: float | None = None,
@@ -81,11 +92,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
         raise ValueError(f"block_q={block_q}, block_k={block_k}: block sizes must be positive")
     t, s = q.shape[1], k.shape[1]
     bq, bk = min(block_q, t), min(block_k, s)
-    nq, nk = -(-t // bq), -(-s // bk)
-    lo, hi = _delta_bounds(causal, window)
-    first, last, count = _inner_range(jnp.arange(nq), bq, bk, nk, lo, hi, q_outer=True)
-    idx = jnp.broadcast_to(first, (nq,))[:, None] + jnp.arange(count)  # [nq, count]
-    valid = idx <= jnp.broadcast_to(last, (nq,))[:, None]
+    idx, valid = band_lists(-(-t // bq), -(-s // bk), bq, bk, causal, window)
     return block_sparse_attention(q, k, v, idx, valid, rule=Band(causal, window),
                                   segment_ids=segment_ids, alibi_slopes=alibi_slopes, scale=scale,
                                   block_q=bq, block_k=bk, chunk=bq)

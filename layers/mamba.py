@@ -144,16 +144,19 @@ def selective_scan(x: Array, dt: Array, a: Array, bm: Array, cm: Array, *,
         x, dt, bm, cm = (jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2))
                          for z in (x, dt, bm, cm))
         keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1.0)
-    xs = tuple(z.reshape((bsz, n, c) + z.shape[2:]).swapaxes(0, 1) for z in (x, dt, bm, cm, keep))
 
-    @jax.checkpoint
     def chunk_fn(h, xs):
         xc, dtc, bc, cc, kc = xs
         abar, bx = _discretize(xc, dtc, a, bc, kc)             # [B, C, Di, N]
         hs, h_last = linear_scan(abar, bx, h)
         return h_last, jnp.einsum("bcdn,bcn->bcd", hs, cc)
 
-    h_t, y = jax.lax.scan(chunk_fn, h0, xs)                     # y: [N, B, C, Di]
+    if n == 1:
+        h_t, y = chunk_fn(h0, (x, dt, bm, cm, keep))
+        return y[:, :t], h_t
+    # Rematerialize each chunk in the backward pass: only the [B, Di, N] carries are saved.
+    xs = tuple(z.reshape((bsz, n, c) + z.shape[2:]).swapaxes(0, 1) for z in (x, dt, bm, cm, keep))
+    h_t, y = jax.lax.scan(jax.checkpoint(chunk_fn), h0, xs)   # y: [N, B, C, Di]
     return y.swapaxes(0, 1).reshape(bsz, n * c, di)[:, :t], h_t
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from layers.attention import KVCache
 from layers.block_sparse import Band, block_sparse_attention
-from layers.blockwise_attention import _delta_bounds, _inner_range
+from layers.blockwise_attention import band_lists
 from layers.mixer import MixerConfig, nbytes, one_of, positive
 from layers.positions import RopeConfig, alibi_slopes, apply_rope, apply_xpos
 from layers.typing import Array, DType
@@ -46,14 +46,6 @@ SPARSE_POSITIONS = ("rope", "xpos", "alibi", "none")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def band_lists(nq: int, nk: int, bq: int, bk: int, causal: bool, window: int | None):
-    """Key blocks ``[nq, n]`` (and validity) that a band (causal/window) can reach."""
-    lo, hi = _delta_bounds(causal, window)
-    first, last, count = _inner_range(jnp.arange(nq), bq, bk, nk, lo, hi, q_outer=True)
-    idx = jnp.broadcast_to(first, (nq,))[:, None] + jnp.arange(count)
-    return idx, idx <= jnp.broadcast_to(last, (nq,))[:, None]
-
 
 def band_attention(q: Array, k: Array, v: Array, *, causal: bool, window: int | None,
                    segment_ids=None, slopes: Array | None = None, block_q: int = 64,

@@ -10,7 +10,8 @@ FLOPs are XLA's cost analysis of that compiled function; XLA counts a loop body 
 so ``dropless`` (a ``lax.scan``) is undercounted there and ``flops_model`` gives the
 analytic matmul FLOPs of each path (6 matmuls per SwiGLU x 3 for fwd+bwd).
 
-Targets (issue 5, CPU): capacity time <= 1.5x dense-active; capacity FLOPs <=
+Variants of one (E, k) are timed in alternating rounds (median of ``--repeats``), so
+slow drifts of background load affect them alike. Targets (issue 5, CPU): capacity time <= 1.5x dense-active; capacity FLOPs <=
 capacity_factor * 1.05 x dense-active.
 
   archlab bench moe [--tokens 2048] [--seq 1024] [--d-model 256] [--hidden 512]
@@ -20,12 +21,14 @@ capacity_factor * 1.05 x dense-active.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench.common import (compile_fn, compiled_stats, markdown_table, print_header,
-                                      time_compiled, write_results)
+                                      write_results)
 from layers.ffn import FFNConfig
 from layers.moe import MoEConfig
 from layers.moe_dispatch import expert_capacity
@@ -65,6 +68,20 @@ def _model_flops(path: str, n: int, seq: int, d: int, f: int, e: int, k: int, cf
     return float(flops)
 
 
+def _interleaved_times(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each ``(compiled, args)``, timed in alternating rounds so that
+    drifting background load hits every variant alike (ratios are what we report)."""
+    for compiled, fargs in fns:
+        jax.block_until_ready(compiled(*fargs))           # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, (compiled, fargs) in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*fargs))
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def run(args) -> list[dict]:
     d, f, n, seq, cf = args.d_model, args.hidden, args.tokens, args.seq, args.capacity_factor
     if n % seq:
@@ -75,25 +92,21 @@ def run(args) -> list[dict]:
         for k in args.topk:
             if k > e:
                 continue
-            dense = FFNConfig(activation="swiglu", hidden=k * f).make(d, jnp.float32, jnp.float32)
-            compiled, fargs, cs = _grad_fn(dense, x)
-            base_t = time_compiled(compiled, *fargs, repeats=args.repeats)
-            base = compiled_stats(compiled)
-            rows.append({"E": e, "k": k, "path": "dense-active", "ms": base_t * 1e3, "x_time": 1.0,
-                         "gflops_xla": base["flops"] / 1e9, "x_flops": 1.0,
-                         "gflops_model": _model_flops("dense", n, seq, d, f, e, k, cf) / 1e9,
-                         "compile_s": cs, "peak": base["peak_bytes"] / 2**20})
-            print(rows[-1], flush=True)
+            modules = {"dense-active": FFNConfig(activation="swiglu", hidden=k * f)}
             for path in args.paths:
-                moe = MoEConfig(n_experts=e, top_k=k, hidden=f, dispatch=path, capacity_factor=cf,
-                                expert_parallel=False)
-                moe.validate(d)
-                compiled, fargs, cs = _grad_fn(moe.make(d, jnp.float32, jnp.float32), x)
-                t = time_compiled(compiled, *fargs, repeats=args.repeats)
+                modules[path] = MoEConfig(n_experts=e, top_k=k, hidden=f, dispatch=path,
+                                          capacity_factor=cf, expert_parallel=False)
+                modules[path].validate(d)
+            built = {name: _grad_fn(m.make(d, jnp.float32, jnp.float32), x)
+                     for name, m in modules.items()}
+            times = _interleaved_times([(c, a) for c, a, _ in built.values()], args.repeats)
+            base_t, base_flops = times[0], compiled_stats(built["dense-active"][0])["flops"]
+            for (name, (compiled, _, cs)), t in zip(built.items(), times):
                 st = compiled_stats(compiled)
-                rows.append({"E": e, "k": k, "path": path, "ms": t * 1e3, "x_time": t / base_t,
-                             "gflops_xla": st["flops"] / 1e9, "x_flops": st["flops"] / base["flops"],
-                             "gflops_model": _model_flops(path, n, seq, d, f, e, k, cf) / 1e9,
+                model_path = "dense" if name == "dense-active" else name
+                rows.append({"E": e, "k": k, "path": name, "ms": t * 1e3, "x_time": t / base_t,
+                             "gflops_xla": st["flops"] / 1e9, "x_flops": st["flops"] / base_flops,
+                             "gflops_model": _model_flops(model_path, n, seq, d, f, e, k, cf) / 1e9,
                              "compile_s": cs, "peak": st["peak_bytes"] / 2**20})
                 print(rows[-1], flush=True)
     return rows

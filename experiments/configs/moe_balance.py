@@ -4,10 +4,10 @@
     archlab run experiments/configs/moe_balance.py --smoke --out runs/moe_balance-smoke
 
 MQAR (8 key-value pairs, L = 128, vocab 256, random filler tokens), 600 steps of batch
-32 at lr 1e-2, with a 2-layer width-64 Mixtral-style
-model (attention + MoE FFN: 8 experts, top-2, renormalized) whose experts run with
-capacity factor 1.25 and position-priority dropping, so imbalance has a cost: the
-overflow of a hot expert is dropped (the token passes through the residual). Runs:
+32 at lr 1e-2, with a 2-layer width-64 Mixtral-style model (attention + MoE FFN: 8
+experts, top-2, renormalized) whose experts run with capacity factor 1.25 and
+position-priority dropping, so imbalance has a cost: the overflow of a hot expert is
+dropped (the token passes through the residual). Runs:
 
 * ``none``: no balancing term;
 * ``aux_loss``: Switch load-balancing loss, coefficient 0.01;
@@ -20,12 +20,24 @@ overflow of a hot expert is dropped (the token passes through the residual). Run
   refused in a decoder; on this next-token task it would be a leak.
 
 The report plots ``diag/moe_load_cv/block_0`` (load coefficient of variation) and
-``diag/moe_dropped/block_0`` over training, and tabulates final accuracy. Expected:
-``none`` and ``z_loss`` drift to the most unbalanced load (highest CV and dropped
-fraction); ``aux_loss`` and ``aux_free`` keep CV low; ``expert_choice`` is balanced by
-construction once its thresholds settle. Accuracy differences are small at this scale;
-the schemes differ mainly in load and dropping (see notes/bench_moe.md for measured
-numbers).
+``diag/moe_dropped/block_0`` over training, and tabulates final accuracy. Expected
+(measured on a 2-core CPU, about 5 minutes per run; per-layer values at step 600):
+
+=============  ===========  =============  ========
+run            load CV      dropped        accuracy
+=============  ===========  =============  ========
+none           1.15, 0.78   0.44, 0.28     0.988
+aux_loss       0.09, 0.20   0.13, 0.16     0.989
+z_loss         1.17, 1.08   0.43, 0.37     0.987
+aux_free       0.15, 0.14   0.14, 0.16     0.991
+expert_choice  0.08, 0.10   0.21, 0.21     0.987
+=============  ===========  =============  ========
+
+i.e. without a balancing term (``none``; ``z_loss`` only bounds the logits) the load
+stays skewed and 30-45% of the assignments overflow; the aux loss, the aux-free bias
+and causal expert choice bring the CV to 0.1-0.2 (the remaining drops are per-sequence
+load noise at capacity 1.25). Accuracy is unaffected at this scale: MQAR is solved by
+the attention layers, and a dropped token still passes through the residual.
 """
 
 import archs

@@ -1,6 +1,7 @@
 """Sparse/local/memory attention presets: every preset builds at ``tiny`` (< 1M params)
 and ``small``; for every causal preset prefill + token-by-token decode equals the full
-forward (model level, through the mixers' caches); the encoder preset refuses decoding."""
+forward (model level, through the mixers' caches), and for Llama with xPos positions;
+the encoder preset refuses decoding."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import archs
 from archs import sparse
 from tests.helpers import rel_rms
 
-CAUSAL = [n for n in sparse.PRESETS if n != "linformer"]
+CAUSAL = {n: (n, {}) for n in sparse.PRESETS if n != "linformer"}
+CAUSAL["llama-xpos"] = ("llama", {"position": "xpos"})   # the position scheme added with these mixers
 
 
 def _params(model, tokens):
@@ -25,9 +27,10 @@ def _count(params):
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("name", CAUSAL, ids=CAUSAL)
-def test_prefill_then_decode_equals_forward(name):
-    cfg = archs.preset(name, "tiny")
+@pytest.mark.parametrize("case", list(CAUSAL), ids=list(CAUSAL))
+def test_prefill_then_decode_equals_forward(case):
+    name, overrides = CAUSAL[case]
+    cfg = archs.preset(name, "tiny", **overrides)
     assert cfg.causal
     model = archs.build(cfg)
     b, t, p = 2, 41, 19
