@@ -25,10 +25,11 @@ reference (STYLE.md #3):
   (associative scan over the full ``[B, T, H, Dk, Dv]`` states) and the reference
   :func:`matrix_recurrence_ref` (``lax.scan``; also the one-token decode step).
 
-Numerics: everything accumulates in fp32. Decays are kept in log space and only
-*differences* of within-chunk cumulative log-decays are exponentiated, masked to
-``j <= i`` *before* ``exp`` so every exponent is ``<= 0`` (no overflow, no inf * 0),
-which is what makes extreme decays (``g = -1e4``) safe. Queries/keys may be grouped:
+Numerics: everything accumulates in fp32. Decays are kept in log space; every
+exponent is the sum of the log-decays over a span ``(j, i]`` computed as a cumsum of
+masked entries (never as the difference of two large cumsums, which loses precision),
+masked to ``j <= i`` *before* ``exp``: exponents are ``<= 0`` (no overflow, no
+inf * 0) and exact for extreme decays (``g = -1e4`` or ``-inf``). Queries/keys may be grouped:
 ``q, k: [B, T, Hk, Dk]`` serve ``H = Hk * G`` value heads (Mamba-2's ``n_groups``).
 
 Packed sequences: ``segment_ids [B, T]`` reset the state at every segment start (the
@@ -208,8 +209,9 @@ def matrix_recurrence_chunked(q: Array, k: Array, v: Array, log_decay: Array | N
     With inclusive log-decay cumsum ``G_i`` inside a chunk (``Gq_i = G_i``, or
     ``G_{i-1}`` in the exclusive form), ``o_i = sum_{j<=i} (q_i . k_j exp(Gq_i - G_j)) v_j
     + (q_i exp(Gq_i)) S_chunk_start``; the chunk adds ``sum_j (k_j exp(G_C - G_j)) v_j^T``
-    to the state decayed by ``exp(G_C)``. Per-channel decays use a ``[C, C, Dk]`` factor
-    (no ``exp(+G)`` rescaling, so no overflow at any decay). T need not be a multiple of
+    to the state decayed by ``exp(G_C)`` (each ``Gx - Gy`` evaluated as a masked span sum,
+    :func:`_segsum`). Per-channel decays use a ``[C, C, Dk]`` factor (no ``exp(+G)``
+    rescaling of q/k, so no overflow at any decay). T need not be a multiple of
     ``chunk`` (zero padding: k = v = 0, g = 0 leaves the state unchanged).
     Arguments and result as :func:`matrix_recurrence_ref`.
     """

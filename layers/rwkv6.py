@@ -102,7 +102,7 @@ class RWKV6Config(MixerConfig):
     layer_ratio: float = 0.5       # depth used for the depth-dependent init, in [0, 1]
     norm_eps: float = 64e-5        # 1e-5 * head_size_divisor^2 (divisor 8), as the reference
     impl: str = "chunked"          # one of MATRIX_IMPLS
-    chunk: int = 32
+    chunk: int = 16                # the per-channel decay costs C^2 Dk per chunk: keep C small
 
     def validate(self, d_model: int, path: str = "rwkv6") -> None:
         for f in ("head_size", "mix_rank", "decay_rank"):

@@ -186,12 +186,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]
     lengths = ints(args.lengths) if args.lengths else (
-        [1024, 2048, 4096, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+        [2048, 4096, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
     impl_lengths = ints(args.impl_lengths) if args.impl_lengths else (
-        [1024, 4096] if args.quick else [1024, 4096, 8192])
+        [4096] if args.quick else [1024, 4096, 8192])
     contexts = ints(args.decode_lengths) if args.decode_lengths else (
         [1024, 8192] if args.quick else [1024, 4096, 16384])
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 5)
     parts = set(args.parts.split(","))
     unknown = parts - {"fwdbwd", "impls", "decode"}
     if unknown:
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     out = {}
     if "fwdbwd" in parts:
         print("\n## Forward+backward vs T\n")
-        rows, ratios = _fwdbwd_rows(configs, lengths, repeats, max_dense=8192 if args.quick else 16384,
+        rows, ratios = _fwdbwd_rows(configs, lengths, repeats, max_dense=4096 if args.quick else 16384,
                                     budget_s=20.0 if args.quick else 120.0)
         out["fwdbwd"], out["ratios"] = rows, ratios
         print(markdown_table(rows, ["mixer", "T", "fwd+bwd ms", "peak", "compile s"]))
