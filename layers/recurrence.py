@@ -215,6 +215,7 @@ def matrix_recurrence_chunked(q: Array, k: Array, v: Array, log_decay: Array | N
     ``chunk`` (zero padding: k = v = 0, g = 0 leaves the state unchanged).
     Arguments and result as :func:`matrix_recurrence_ref`.
     """
+    decayed = log_decay is not None
     q, k, v, ld, g = _prepare(q, k, v, log_decay)
     bsz, t, hk, dk = q.shape
     h, dv = v.shape[2:]
@@ -233,56 +234,64 @@ def matrix_recurrence_chunked(q: Array, k: Array, v: Array, log_decay: Array | N
     split = lambda x: x.reshape((bsz, n, c) + x.shape[2:])
     q, k, v, ld, seg = split(q), split(k), split(v), split(ld), split(seg)
     # q, k: [B, N, C, Hk, Dk]; v: [B, N, C, H, Dv]; ld: [B, N, C, H(, Dk)]; seg: [B, N, C]
-
-    # Every exponent below is a sum of log-decays (never a difference of cumsums), so it
-    # is <= 0, exact for extreme decays and -inf-safe.
-    shift_r = jnp.concatenate([jnp.zeros_like(ld[:, :, :1]), ld[:, :, :-1]], axis=2)
-    shift_l = jnp.concatenate([ld[:, :, 1:], jnp.zeros_like(ld[:, :, :1])], axis=2)
-    gq = jnp.cumsum(ld if bonus is None else shift_r, axis=2)   # decay chunk start -> i (or i-1)
-    g_last = jnp.sum(ld, axis=2)                                 # whole chunk: [B, N, H(, Dk)]
-    g_tail = jnp.flip(jnp.cumsum(jnp.flip(shift_l, 2), axis=2), 2)  # sum_{s>j} g_s
-    seg_last = seg[:, :, -1]                             # [B, N]
+    vg = v.reshape(v.shape[:3] + (hk, g, dv))             # value heads grouped by q/k head
+    seg_last = seg[:, :, -1]                               # [B, N]
     seg_prev = jnp.concatenate([jnp.zeros_like(seg[:, :1, 0]), seg[:, :-1, -1]], axis=1)
-
     mask = jnp.tril(jnp.ones((c, c), bool), k=0 if bonus is None else -1)
     mask = mask & (seg[:, :, :, None] == seg[:, :, None, :])  # [B, N, Ci, Cj]
-    mask = mask.reshape(mask.shape + (1,) * (ld.ndim - 3))
-    decay = jnp.exp(jnp.where(mask, _segsum(ld, exclusive=bonus is not None), -jnp.inf))
+    in_last = (seg == seg_last[:, :, None]).astype(_F32)  # [B, N, C]: j in the chunk's last segment
+
+    # Every exponent below is a sum of log-decays (never a difference of cumsums), so it
+    # is <= 0, exact for extreme decays and -inf-safe. Without decays all factors are 1.
+    if decayed:
+        shift_r = jnp.concatenate([jnp.zeros_like(ld[:, :, :1]), ld[:, :, :-1]], axis=2)
+        shift_l = jnp.concatenate([ld[:, :, 1:], jnp.zeros_like(ld[:, :, :1])], axis=2)
+        q_decay = jnp.exp(jnp.cumsum(ld if bonus is None else shift_r, axis=2))  # start -> i (i-1)
+        k_decay = jnp.exp(jnp.flip(jnp.cumsum(jnp.flip(shift_l, 2), axis=2), 2))  # j -> chunk end
+        a_chunk = jnp.exp(jnp.sum(ld, axis=2))             # whole chunk: [B, N, H(, Dk)]
+        maskd = mask.reshape(mask.shape + (1,) * (ld.ndim - 3))
+        decay = jnp.exp(jnp.where(maskd, _segsum(ld, exclusive=bonus is not None), -jnp.inf))
     if vector:                                             # decay: [B, N, Ci, Cj, H, Dk]
         scores = jnp.einsum("bnihd,bnjhd,bnijhd->bnhij", q, k, decay)
         o = jnp.einsum("bnhij,bnjhv->bnihv", scores, v)
-    else:                                                  # decay: [B, N, Ci, Cj, H]
-        decay = decay.reshape(decay.shape[:4] + (hk, g))
+    else:
         scores = jnp.einsum("bnikd,bnjkd->bnkij", q, k)      # shared by the G heads of a group
-        o = jnp.einsum("bnkij,bnijkg,bnjkgv->bnikgv", scores, decay,
-                       v.reshape(v.shape[:3] + (hk, g, dv))).reshape(v.shape)
+        if decayed:                                        # decay: [B, N, Ci, Cj, H]
+            decay = decay.reshape(decay.shape[:4] + (hk, g))
+            o = jnp.einsum("bnkij,bnijkg,bnjkgv->bnikgv", scores, decay, vg).reshape(v.shape)
+        else:
+            o = jnp.einsum("bnkij,bnjkgv->bnikgv", scores * mask[:, :, None], vg).reshape(v.shape)
     if bonus is not None:  # diagonal term q_i diag(u) k_i v_i^T
         qk = jnp.einsum("bnihd,hd,bnihd->bnih", _expand_heads_n(q, g), bonus.astype(_F32),
                         _expand_heads_n(k, g))
         o = o + qk[..., None] * v
 
     # Chunk summaries -> chunk-start states (associative scan over the N chunks).
-    in_last = (seg == seg_last[:, :, None]).astype(_F32)  # [B, N, C]
-    w_in = jnp.exp(g_tail)                                # <= 1
-    w_in = w_in * (in_last[..., None, None] if vector else in_last[..., None])
+    keep_state = (seg_last == seg_prev).astype(_F32)[:, :, None, None, None]  # no reset in chunk
     if vector:
-        d_state = jnp.einsum("bnjhd,bnjhv->bnhdv", k * w_in, v)
-        a_chunk = jnp.exp(g_last)[..., None]               # [B, N, H, Dk, 1]
+        d_state = jnp.einsum("bnjhd,bnjhv->bnhdv", k * k_decay * in_last[..., None, None], v)
+        a_chunk = a_chunk[..., None] * keep_state          # [B, N, H, Dk, 1]
     else:
-        d_state = jnp.einsum("bnjkd,bnjkg,bnjkgv->bnkgdv", k, w_in.reshape(w_in.shape[:3] + (hk, g)),
-                             v.reshape(v.shape[:3] + (hk, g, dv))).reshape(bsz, n, h, dk, dv)
-        a_chunk = jnp.exp(g_last)[..., None, None]         # [B, N, H, 1, 1]
-    a_chunk = a_chunk * (seg_last == seg_prev).astype(_F32)[:, :, None, None, None]
+        w_in = in_last[..., None]                          # [B, N, C, 1 or H]
+        if decayed:
+            w_in = (k_decay * w_in).reshape(k_decay.shape[:3] + (hk, g))
+            a_chunk = a_chunk[..., None, None] * keep_state  # [B, N, H, 1, 1]
+        else:
+            w_in = jnp.broadcast_to(w_in[..., None], w_in.shape[:3] + (hk, g))
+            a_chunk = jnp.broadcast_to(keep_state, (bsz, n, h, 1, 1))
+        d_state = jnp.einsum("bnjkd,bnjkg,bnjkgv->bnkgdv", k, w_in, vg).reshape(bsz, n, h, dk, dv)
     ends, s_last = linear_scan(a_chunk, d_state, h0)     # state after each chunk
     s0 = jnp.zeros_like(ends[:, :1]) if h0 is None else h0.astype(_F32)[:, None]
     starts = jnp.concatenate([s0, ends[:, :-1]], axis=1)  # [B, N, H, Dk, Dv]
 
     gate = (seg == seg_prev[:, :, None]).astype(_F32)     # no reset since the chunk start
     if vector:
-        o_inter = jnp.einsum("bnihd,bnhdv->bnihv", q * jnp.exp(gq), starts)
+        o_inter = jnp.einsum("bnihd,bnhdv->bnihv", q * q_decay, starts)
     else:
         o_inter = jnp.einsum("bnikd,bnkgdv->bnikgv", q, starts.reshape(bsz, n, hk, g, dk, dv))
-        o_inter = (o_inter * jnp.exp(gq).reshape(bsz, n, c, hk, g)[..., None]).reshape(v.shape)
+        if decayed:
+            o_inter = o_inter * q_decay.reshape(bsz, n, c, hk, g)[..., None]
+        o_inter = o_inter.reshape(v.shape)
     o = o + o_inter * gate[..., None, None]
     return o.reshape(bsz, n * c, h, dv)[:, :t], s_last
 
