@@ -10,7 +10,11 @@
 3. Decoding: one-token step time (tokens/s at B=1) and decode-state bytes vs context
    length (flat for recurrent mixers, growing for attention's KV cache).
 
-Flags: ``--quick`` (a few minutes on a laptop CPU), ``--mixers mamba,retnet,...``
+Times are medians of round-robin repeats (all lengths of a mixer, or all algorithms at
+one length, take turns), so a change in background load does not skew the ratios.
+
+Flags: ``--quick`` (T = 2k/4k/8k, 2 repeats: ~3 min for the linear-time mixers, ~8 min
+with every mixer registered today on a 2-core CPU), ``--mixers mamba,retnet,...``
 (registry kinds or the labels ``attention:dense`` / ``attention:blockwise``),
 ``--lengths 1024,4096``, ``--decode-lengths``, ``--parts fwdbwd,impls,decode``,
 ``--repeats``, ``--out DIR``.
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -61,18 +67,35 @@ def _module_inputs(cfg, t: int, batch: int = 1):
     return module, variables, x, pos
 
 
-def _fwdbwd(cfg, t: int, repeats: int, time_it: bool = True) -> dict:
+def _compile_fwdbwd(cfg, t: int) -> tuple:
+    """Compiles value_and_grad of ``mean(y^2)`` w.r.t. (params, x); runs it once (warm-up).
+    Returns ``(run, row)``: ``run()`` executes it once; ``row`` has T, peak, compile and
+    warm-up seconds."""
     module, variables, x, pos = _module_inputs(cfg, t)
 
     def loss(params, x):
         y, _ = module.apply({**variables, "params": params}, x, positions=pos)
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
-    step = jax.value_and_grad(loss, argnums=(0, 1))
-    compiled, ctime = compile_fn(step, variables["params"], x)
+    params = variables["params"]
+    compiled, ctime = compile_fn(jax.value_and_grad(loss, argnums=(0, 1)), params, x)
     stats = compiled_stats(compiled)
-    sec = time_compiled(compiled, variables["params"], x, repeats=repeats) if time_it else float("nan")
-    return {"T": t, "fwd+bwd ms": sec * 1e3, "peak": fmt_bytes(stats["peak_bytes"]),
-            "peak_bytes": stats["peak_bytes"], "compile s": ctime}
+    run = lambda: jax.block_until_ready(compiled(params, x))
+    t0 = time.perf_counter()
+    run()
+    return run, {"T": t, "peak": fmt_bytes(stats["peak_bytes"]), "peak_bytes": stats["peak_bytes"],
+                 "compile s": ctime, "first s": time.perf_counter() - t0}
+
+
+def _interleaved(runs: dict, repeats: int) -> dict:
+    """Median seconds per key, timing the runs round-robin so that a change in background
+    load hits every key alike (ratios between keys are what the tables report)."""
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def _fwdbwd_rows(configs: dict, lengths, repeats: int, max_dense: int, budget_s: float):
@@ -83,25 +106,28 @@ def _fwdbwd_rows(configs: dict, lengths, repeats: int, max_dense: int, budget_s:
         except ValueError as e:
             print(f"  skip {label}: default config invalid at d_model={D_MODEL}: {e}")
             continue
-        per_t, slow = {}, False
+        runs, info, slow = {}, {}, False
         for t in lengths:
             if slow or (label == "attention:dense" and t > max_dense):
-                rows.append({"mixer": label, "T": t, "fwd+bwd ms": "skipped"})
+                info[t] = {"T": t, "fwd+bwd ms": "skipped"}
                 continue
             try:
-                r = _fwdbwd(cfg, t, repeats)
+                runs[t], info[t] = _compile_fwdbwd(cfg, t)
             except Exception as e:  # one broken mixer must not end the whole benchmark
                 print(f"  {label}: T={t} failed: {type(e).__name__}: {str(e)[:200]}")
-                rows.append({"mixer": label, "T": t, "fwd+bwd ms": f"failed ({type(e).__name__})"})
+                info[t] = {"T": t, "fwd+bwd ms": f"failed ({type(e).__name__})"}
                 break
-            per_t[t] = r["fwd+bwd ms"]
-            rows.append({"mixer": label, **r})
-            print(f"  {label:24s} T={t:6d} {r['fwd+bwd ms']:10.1f} ms  peak {r['peak']}", flush=True)
-            slow = r["fwd+bwd ms"] / 1e3 > budget_s      # longer T would take too long
+            slow = info[t]["first s"] > budget_s      # longer T would take too long
+        med = _interleaved(runs, repeats)
+        for t, row in info.items():
+            if t in med:
+                row["fwd+bwd ms"] = med[t] * 1e3
+                print(f"  {label:24s} T={t:6d} {row['fwd+bwd ms']:10.1f} ms  peak {row['peak']}", flush=True)
+            rows.append({"mixer": label, **row})
         ratio = {"mixer": label}
         for t in lengths:
-            if t in per_t and 2 * t in per_t:
-                ratio[f"t({2 * t})/t({t})"] = per_t[2 * t] / per_t[t]
+            if t in med and 2 * t in med:
+                ratio[f"t({2 * t})/t({t})"] = med[2 * t] / med[t]
         ratios.append(ratio)
     return rows, ratios
 
@@ -119,18 +145,18 @@ def _impl_rows(lengths, repeats: int, seq_max: int):
     ]
     rows = []
     for t in lengths:
-        base = {}
+        runs, info = {}, {}
         for fam, label, cfg in variants:
-            if label.startswith("sequential") and t > seq_max:
-                continue
-            r = _fwdbwd(cfg, t, repeats)
-            key = "chunked" if label.startswith("chunked") else label.split()[0]
-            base.setdefault(fam, {})[key] = r["fwd+bwd ms"]
-            rows.append({"mixer": fam, "impl": label, **r})
-            print(f"  {fam:7s} {label:32s} T={t:6d} {r['fwd+bwd ms']:10.1f} ms  peak {r['peak']}", flush=True)
-        for row in rows[-len(variants):]:
-            if row["T"] == t and row["mixer"] in base and "chunked" in base[row["mixer"]]:
-                row["time / chunked"] = row["fwd+bwd ms"] / base[row["mixer"]]["chunked"]
+            if not (label.startswith("sequential") and t > seq_max):
+                runs[(fam, label)], info[(fam, label)] = _compile_fwdbwd(cfg, t)
+        med = _interleaved(runs, repeats)
+        for (fam, label), row in info.items():
+            chunked = [v for (f, lab), v in med.items() if f == fam and lab.startswith("chunked")]
+            row.update({"mixer": fam, "impl": label, "fwd+bwd ms": med[(fam, label)] * 1e3,
+                        "time / chunked": med[(fam, label)] / chunked[0]})
+            rows.append(row)
+            print(f"  {fam:7s} {label:32s} T={t:6d} {row['fwd+bwd ms']:10.1f} ms  peak {row['peak']}",
+                  flush=True)
     return rows
 
 
@@ -210,7 +236,7 @@ def main(argv: list[str]) -> int:
     out = {}
     if "fwdbwd" in parts:
         print("\n## Forward+backward vs T\n")
-        rows, ratios = _fwdbwd_rows(configs, lengths, repeats, max_dense=4096 if args.quick else 16384,
+        rows, ratios = _fwdbwd_rows(configs, lengths, repeats, max_dense=4096 if args.quick else 8192,
                                     budget_s=20.0 if args.quick else 120.0)
         out["fwdbwd"], out["ratios"] = rows, ratios
         print(markdown_table(rows, ["mixer", "T", "fwd+bwd ms", "peak", "compile s"]))
