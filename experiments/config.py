@@ -77,6 +77,11 @@ class EvalConfig:
     lengths: tuple[int, ...] = ()  # evaluation sequence lengths; () = the training length
     batches: int = 4
     batch_size: int = 64
+    # Evaluate with this model config instead of ``ExperimentConfig.model`` (the trained
+    # parameters are reused, so its parameter tree must match): e.g. plain RoPE in
+    # training and PI / NTK / YaRN scaling switched on at inference (the zero-shot
+    # length-extrapolation recipe). None = the training model.
+    model: ModelConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +117,23 @@ class ExperimentConfig:
         if not self.model.causal:
             raise ValueError(f"model {self.model.name!r} is not causal: on next-token tasks a bidirectional "
                              "mixer sees the answer it must predict (a leak). Use a causal mixer.")
+        eval_model = self.eval.model if self.eval.model is not None else self.model
+        if eval_model is not self.model:
+            if not isinstance(eval_model, ModelConfig):
+                raise ValueError(f"eval.model must be a ModelConfig or None, got {type(eval_model).__name__}")
+            eval_model.validate("eval.model")
+            if not eval_model.causal:
+                raise ValueError(f"eval.model {eval_model.name!r} is not causal (see model)")
+            if eval_model.vocab_size != self.model.vocab_size:
+                raise ValueError(f"eval.model.vocab_size={eval_model.vocab_size} differs from "
+                                 f"model.vocab_size={self.model.vocab_size}; the evaluation model "
+                                 "reuses the trained parameters")
+        which = "model" if eval_model is self.model else "eval.model"
         for i, length in enumerate(self.eval_lengths):
             if not isinstance(length, int) or length <= 0:
                 raise ValueError(f"eval.lengths[{i}]={length!r} must be a positive int")
-            if length > self.model.max_len:
-                raise ValueError(f"eval.lengths[{i}]={length} exceeds model.max_len={self.model.max_len}")
+            if length > eval_model.max_len:
+                raise ValueError(f"eval.lengths[{i}]={length} exceeds {which}.max_len={eval_model.max_len}")
             self.task.for_eval(length).validate(f"task(at eval length {length})")
         if self.task.seq_len > self.model.max_len:
             raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={self.model.max_len}")

@@ -136,10 +136,11 @@ def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite:
         if bsz % dp:
             raise ValueError(f"{path}={bsz} must be divisible by the data-parallel size {dp} "
                              f"(mesh {dict(mesh.shape)})")
+    model = archs.build(cfg.model)
+    eval_model = _eval_model(cfg, model)
     _prepare_run_dir(cfg, out_dir, resume, overwrite)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config_json(cfg))
-    model = archs.build(cfg.model)
     tx, schedule = make_optimizer(cfg)
     rules = mesh_lib.rules(cfg.mesh)
     seg = cfg.train.segment_len
@@ -197,7 +198,7 @@ def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite:
         train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
         make_batch = jax.jit(lambda step: get_batch(cfg.task, cfg.train.seed, step, cfg.train.batch_size),
                              out_shardings=batch_shard)
-        evaluator = _Evaluator(cfg, model, batch_shard, seg)
+        evaluator = _Evaluator(cfg, eval_model, batch_shard, seg)
 
         # ---- loop
         log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
@@ -244,6 +245,24 @@ def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite:
         from experiments import report
         report.write_report([out_dir], out_dir)
     return summary
+
+
+def _eval_model(cfg: ExperimentConfig, model):
+    """The model used for evaluation: ``cfg.eval.model`` when set, after checking (shapes
+    only, nothing compiles) that it takes the trained parameters unchanged."""
+    if cfg.eval.model is None:
+        return model
+    eval_model = archs.build(cfg.eval.model)
+    dummy, key = jnp.zeros((1, min(cfg.task.seq_len, 8)), jnp.int32), jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(model.init, key, dummy)
+    got = jax.eval_shape(eval_model.init, key, dummy)
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), nn.unbox(tree))
+    want, have = shapes(abstract), shapes(got)
+    if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
+        raise ValueError(f"eval.model ({cfg.eval.model.name!r}) does not take the trained parameters "
+                         "unchanged: its variables differ in structure, shape or dtype from model's. "
+                         "Only parameter-free changes (position scaling, window, impl) are allowed")
+    return eval_model
 
 
 class _Evaluator:

@@ -109,3 +109,44 @@ def test_report_command_compares_runs(first_run):
     assert main(["report", str(out), str(root / "b"), "--out", str(rep)]) == 0
     text = (rep / "report.md").read_text()
     assert text.count("| tiny |") == 2
+
+
+def _tiny_config(root, cfg_path, **eval_kw):
+    import dataclasses
+
+    from experiments.config import load_experiment_file
+    cfg = load_experiment_file(str(cfg_path))[0]
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **eval_kw))
+
+
+def test_eval_model_override_reuses_trained_params(first_run, tmp_path):
+    """``eval.model``: the same config again reproduces the plain run's evaluation exactly;
+    RoPE scaling switched on at inference changes only the evaluation rows; a model with
+    other parameters is refused before the run directory is touched."""
+    import dataclasses
+
+    import archs
+    from experiments.train import run
+    from layers.positions import RopeConfig
+    root, cfg_path, out = first_run
+    base = _tiny_config(root, cfg_path)
+    same = dataclasses.replace(base.model)  # equal but not the same object
+    run(_tiny_config(root, cfg_path, model=same), str(tmp_path / "same"), progress=False, write_report=False)
+    assert _rows(tmp_path / "same") == _rows(out)
+
+    scaled = archs.preset("llama", "tiny", vocab_size=32, d_model=32, max_len=64,
+                          rope=RopeConfig(base=500000.0, scaling="linear", factor=4.0))
+    run(_tiny_config(root, cfg_path, model=scaled), str(tmp_path / "scaled"), progress=False,
+        write_report=False)
+    got, want = _rows(tmp_path / "scaled"), _rows(out)
+    assert [r for r in got if r["split"] == "train"] == [r for r in want if r["split"] == "train"]
+    eval_loss = lambda rows: [r["loss"] for r in rows if r["split"] == "eval"]
+    assert all(a != b for a, b in zip(eval_loss(got), eval_loss(want)))
+
+    other = archs.preset("llama", "tiny", vocab_size=32, d_model=16, max_len=64)
+    with pytest.raises(ValueError, match="eval.model"):
+        run(_tiny_config(root, cfg_path, model=other), str(tmp_path / "bad"), progress=False)
+    assert not os.path.exists(tmp_path / "bad")
+    short = archs.preset("llama", "tiny", vocab_size=32, d_model=32, max_len=16)
+    with pytest.raises(ValueError, match=r"eval.lengths\[1\]=32 exceeds eval.model.max_len=16"):
+        _tiny_config(root, cfg_path, model=short).validate()
