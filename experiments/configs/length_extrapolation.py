@@ -25,12 +25,13 @@ Sizes: the defaults (``TRAIN_LEN = 64``, ``STEPS = 500``, batch 32, lr 1e-2, as 
 CPU-sized -- 21 runs in roughly 20-25 minutes on 2 cores; the README table comes from
 them. For a larger study raise ``TRAIN_LEN``/``STEPS`` here (e.g. 128 / 1500 on a GPU).
 
-Expected from the papers: every scheme solves the tasks at L; beyond L plain RoPE
-collapses first on the retrieval tasks (rotations never seen in training), ALiBi
-degrades most gracefully on induction heads but its recency bias hurts long-gap
-passkey/MQAR retrieval, NoPE and xPos sit in between, and zero-shot NTK/YaRN extend
-RoPE further than PI. ``archlab report`` tabulates accuracy per run (task, scheme)
-and length, and plots accuracy vs length.
+Hypotheses from the papers: every scheme solves the tasks at L; beyond L plain RoPE
+collapses first on the retrieval tasks, ALiBi degrades gracefully, zero-shot NTK/YaRN
+extend RoPE further than PI. Measured (README "Length extrapolation", 2026-11-23, CPU):
+RoPE and xPos lose passkey beyond L; ALiBi keeps passkey/MQAR but fails induction heads
+at 8L (0.52); NoPE (with the short conv) extrapolates on all three; zero-shot PI/YaRN fix
+MQAR/induction but not passkey, and hurt passkey at L itself (fixed factor 8, no
+fine-tune). ``archlab report`` tabulates accuracy per run (task, scheme) and length.
 """
 
 
