@@ -127,20 +127,33 @@ def _plots(runs, best, out_dir) -> list[str]:
     ax.barh([r["name"] for r in runs], [r["tokens_per_s"] for r in runs])
     ax.set(xlabel="train tokens / s", title="Throughput")
     written.append(_save(fig, out_dir, "throughput.png"))
-    # scalar diagnostics / aux losses over training (per-layer arrays averaged)
+    # diagnostics / aux losses over training; array-valued ones (per layer, per expert:
+    # e.g. moe_load [E]) as their mean with a min-max band, so a load imbalance shows as a
+    # wide band instead of averaging away to 1/E
     keys = sorted({k for r in runs for t in r["train"] for k in t if k.startswith(("aux/", "diag/"))})
     keys = [k for k in keys if all(np.asarray(t[k]).size <= 64 for r in runs for t in r["train"] if k in t)]
     if keys:
         fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.2 * len(keys)), squeeze=False)
         for ax, k in zip(axes[:, 0], keys):
             for r in runs:
-                pts = [(t["step"], float(np.mean(t[k]))) for t in r["train"] if k in t]
-                if pts:
-                    ax.plot(*zip(*pts), label=r["name"])
+                steps, mean, lo, hi = diagnostic_series(r["train"], k)
+                if not steps:
+                    continue
+                line, = ax.plot(steps, mean, label=r["name"])
+                if lo != hi:
+                    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
             ax.set(title=k, xlabel="step")
         axes[0, 0].legend(fontsize=7)
         written.append(_save(fig, out_dir, "diagnostics.png"))
     return written
+
+
+def diagnostic_series(train_rows: list[dict], key: str):
+    """``(steps, mean, min, max)`` of one diagnostic over training; for array values
+    (per layer, per expert) the statistics run over all elements of each logged value."""
+    pts = [(t["step"], np.asarray(t[key], dtype=np.float64)) for t in train_rows if key in t]
+    return ([p for p, _ in pts], [float(v.mean()) for _, v in pts],
+            [float(v.min()) for _, v in pts], [float(v.max()) for _, v in pts])
 
 
 def _save(fig, out_dir, name) -> str:

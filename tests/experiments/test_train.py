@@ -150,3 +150,14 @@ def test_eval_model_override_reuses_trained_params(first_run, tmp_path):
     short = archs.preset("llama", "tiny", vocab_size=32, d_model=32, max_len=16)
     with pytest.raises(ValueError, match=r"eval.lengths\[1\]=32 exceeds eval.model.max_len=16"):
         _tiny_config(root, cfg_path, model=short).validate()
+
+
+def test_report_diagnostics_keep_the_spread_of_array_metrics():
+    """A per-expert load [E] must not average away to 1/E: mean plus a min-max band."""
+    from experiments.report import diagnostic_series
+    rows = [{"step": 10, "diag/moe_load": [0.7, 0.1, 0.1, 0.1]},
+            {"step": 20, "diag/moe_load": [0.25, 0.25, 0.25, 0.25]}, {"step": 30}]
+    steps, mean, lo, hi = diagnostic_series(rows, "diag/moe_load")
+    assert steps == [10, 20]
+    assert mean == pytest.approx([0.25, 0.25])
+    assert lo == pytest.approx([0.1, 0.25]) and hi == pytest.approx([0.7, 0.25])
