@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from layers.ffn import dense
 from layers.mixer import MixerConfig, one_of, positive
-from layers.recurrence import MATRIX_IMPLS, cache_bytes, check_chunk, matrix_recurrence
+from layers.recurrence import MATRIX_IMPLS, check_chunk, matrix_recurrence
 from layers.typing import Array, DType
 
 STATE_COLLECTION = "state"   # == archs.model.STATE_COLLECTION (layers may not import archs)
@@ -146,9 +146,6 @@ class LinearAttentionConfig(MixerConfig):
         h, n, dh = self.n_heads, self.n_feat(d_model), self.dh(d_model)
         return LinearAttentionCache(jnp.zeros((batch, h, n, dh), jnp.float32),
                                     jnp.zeros((batch, h, n), jnp.float32))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 @dataclasses.dataclass(frozen=True)

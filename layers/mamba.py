@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from layers.conv import causal_conv
 from layers.ffn import dense
 from layers.mixer import MixerConfig, one_of, positive
-from layers.recurrence import cache_bytes, linear_scan, segment_resets
+from layers.recurrence import linear_scan, segment_resets
 from layers.typing import Array, DType
 
 MAMBA_IMPLS = ("associative", "sequential")
@@ -98,9 +98,6 @@ class MambaConfig(MixerConfig):
         di = self.expand * d_model
         return MambaCache(jnp.zeros((batch, self.d_conv - 1, di), dtype),
                           jnp.zeros((batch, di, self.d_state), jnp.float32))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 def _discretize(x, dt, a, bm, keep):

@@ -38,7 +38,7 @@ from layers.conv import causal_conv
 from layers.ffn import dense
 from layers.mamba import check_dt, conv_params, dt_bias_init
 from layers.mixer import MixerConfig, one_of, positive
-from layers.recurrence import MATRIX_IMPLS, cache_bytes, check_chunk, matrix_recurrence
+from layers.recurrence import MATRIX_IMPLS, check_chunk, matrix_recurrence
 from layers.typing import Array, DType
 
 
@@ -97,9 +97,6 @@ class Mamba2Config(MixerConfig):
         return Mamba2Cache(jnp.zeros((batch, self.d_conv - 1, conv_dim), dtype),
                            jnp.zeros((batch, self.heads(d_model), self.d_state, self.headdim),
                                      jnp.float32))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 def gated_rms_norm(y: Array, z: Array, scale: Array, groups: int, eps: float) -> Array:

@@ -10,7 +10,8 @@ subclass) that builds a Flax Linen module. Every mixer provides:
    ``module(x, positions=..., cache=cache) -> (y, new_cache)`` processes T >= 1 new
    tokens (prefill or one decode step) and returns the updated cache. Caches are
    explicit values, never hidden Flax state;
-3. ``cfg.state_size(d_model, seq_len, dtype)``: bytes of decode state per sequence;
+3. ``cfg.state_size(d_model, seq_len, dtype)``: bytes of decode state per sequence
+   (default: the bytes of ``init_cache``; KV caches count the filled context);
 4. a test that prefill + token-by-token decode equals the parallel form.
 
 ``cfg.causal`` says whether position t depends only on tokens <= t (decoders,
@@ -23,9 +24,11 @@ segment boundaries (recurrent mixers reset their state there).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from layers.typing import DType, PyTree
@@ -48,7 +51,16 @@ class MixerConfig:
         raise NotImplementedError
 
     def state_size(self, d_model: int, seq_len: int, dtype: DType = jnp.float32) -> int:
-        raise NotImplementedError
+        """Decode-state bytes per sequence after ``seq_len`` tokens. Default: the bytes of
+        ``init_cache(d_model, 1, seq_len, dtype)``, computed abstractly (nothing is
+        allocated) -- right for every fixed-size recurrent cache; attention-like mixers
+        override it with the bytes that actually hold the context."""
+        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
+
+
+def cache_bytes(cache: PyTree) -> int:
+    """Bytes of a cache pytree of arrays or ShapeDtypeStructs."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)))
 
 
 def positive(path: str, value: Any, allow_none: bool = False) -> None:

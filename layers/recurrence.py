@@ -39,7 +39,6 @@ segment of the first token.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -339,8 +338,3 @@ def check_chunk(path: str, chunk: int) -> None:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
         raise ValueError(f"{path}={chunk!r} must be a positive integer")
 
-
-def cache_bytes(cache) -> int:
-    """Bytes of a cache pytree (of arrays or ShapeDtypeStructs), for ``state_size``."""
-    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(cache)))

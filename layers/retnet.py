@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from layers.ffn import dense
 from layers.mixer import MixerConfig, one_of, positive
 from layers.positions import RopeConfig, apply_rope
-from layers.recurrence import MATRIX_IMPLS, cache_bytes, check_chunk, matrix_recurrence
+from layers.recurrence import MATRIX_IMPLS, check_chunk, matrix_recurrence
 from layers.typing import Array, DType
 
 
@@ -103,9 +103,6 @@ class RetNetConfig(MixerConfig):
     def init_cache(self, d_model, batch, max_len, dtype):
         dk, dv = self.dims(d_model)
         return RetNetCache(jnp.zeros((batch, self.n_heads, dk, dv), jnp.float32))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 class RetNet(nn.Module):

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from layers.ffn import dense
 from layers.mixer import MixerConfig, one_of, positive
-from layers.recurrence import MATRIX_IMPLS, cache_bytes, check_chunk, matrix_recurrence, segment_resets
+from layers.recurrence import MATRIX_IMPLS, check_chunk, matrix_recurrence, segment_resets
 from layers.retnet import HeadNorm
 from layers.typing import Array, DType
 
@@ -123,9 +123,6 @@ class RWKV6Config(MixerConfig):
         h = d_model // self.head_size
         return RWKV6Cache(jnp.zeros((batch, d_model), dtype),
                           jnp.zeros((batch, h, self.head_size, self.head_size), jnp.float32))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 class RWKV6TimeMix(nn.Module):
@@ -216,9 +213,6 @@ class RWKV6ChannelMixConfig(MixerConfig):
 
     def init_cache(self, d_model, batch, max_len, dtype):
         return TokenShiftCache(jnp.zeros((batch, d_model), dtype))
-
-    def state_size(self, d_model, seq_len, dtype=jnp.float32):
-        return cache_bytes(jax.eval_shape(lambda: self.init_cache(d_model, 1, seq_len, dtype)))
 
 
 class RWKV6ChannelMix(nn.Module):
