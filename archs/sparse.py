@@ -5,8 +5,9 @@ Presets (sizes ``tiny`` for tests, ``small`` for CPU experiments):
 
 * ``sliding_window``: local attention, ring-buffer decode cache (O(W) decode memory).
 * ``longformer``: window + prefix global tokens (Beltagy et al. 2020), causal.
-* ``bigbird``: window + globals + random blocks (Zaheer et al. 2020); the repeating
-  group has two layers with different seeds, so adjacent layers differ.
+* ``bigbird``: window + globals + random blocks (Zaheer et al. 2020); every layer has
+  its own seed (the repeating group is the whole preset depth). Overriding ``n_layers``
+  beyond it repeats the group, and with it the random patterns.
 * ``sparse_transformer``: strided pattern split across heads (Child et al. 2019).
 * ``linformer``: *encoder-style* (bidirectional) length-projected attention
   (Wang et al. 2020); ``causal`` is False, so it cannot decode.
@@ -68,8 +69,10 @@ def longformer(size: str = "small") -> ModelConfig:
 
 def bigbird(size: str = "small") -> ModelConfig:
     s = _s(size)
+    # one seed per layer: the repeating group is the whole stack, so nn.scan over groups
+    # never repeats a random pattern (BigBird draws random blocks per layer)
     mixers = [BigBirdConfig(window=16 * s, n_global=2 * s, n_random=2, seed=seed, block_q=16 * s,
-                            block_k=16 * s, **_heads(size)) for seed in (0, 1)]
+                            block_k=16 * s, **_heads(size)) for seed in range(SIZES[size][1])]
     return _model("bigbird", size, mixers)
 
 
