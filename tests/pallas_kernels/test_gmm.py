@@ -16,13 +16,9 @@ import pytest
 
 from pallas_kernels import gmm, gmm_reference, tgmm
 from pallas_kernels.gmm.pallas import GmmConfig, gmm_pallas
+from tests.helpers import rel_rms
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-
-
-def rel_rms(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
 
 
 @dataclasses.dataclass(frozen=True)
