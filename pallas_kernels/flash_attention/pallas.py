@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.tiling import round_up, tile
+
 Array = jax.Array
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -71,14 +73,6 @@ class FlashConfig:
     interpret: bool = False
     num_warps: int | None = None
     num_stages: int | None = None
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _tile(size: int, block: int) -> int:
-    return min(block, max(16, pl.next_power_of_2(size)))
 
 
 def _idiv(x, d: int):
@@ -199,7 +193,7 @@ def _forward(q, k, v, qs, ks, cfg: FlashConfig):
     b, tp, h, dp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     g = h // kh
-    bq, bk = _tile(cfg.t, cfg.block_q), _tile(cfg.s, cfg.block_k)
+    bq, bk = tile(cfg.t, cfg.block_q), tile(cfg.s, cfg.block_k)
     has_seg = qs is not None
     in_specs = [
         pl.BlockSpec((None, bq, None, dp), lambda i, b_, h_: (b_, i, h_, 0)),
@@ -299,7 +293,7 @@ def _backward(q, k, v, qs, ks, o, lse, do, cfg: FlashConfig):
     b, tp, h, dp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     g = h // kh
-    bq, bk = _tile(cfg.t, cfg.block_q_bwd), _tile(cfg.s, cfg.block_k_bwd)
+    bq, bk = tile(cfg.t, cfg.block_q_bwd), tile(cfg.s, cfg.block_k_bwd)
     has_seg = qs is not None
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     segs = _seg_args(qs, ks)
@@ -395,9 +389,9 @@ def flash_attention_pallas(q: Array, k: Array, v: Array, q_seg: Array | None = N
                       block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
                       block_k_bwd=block_k_bwd, interpret=interpret,
                       num_warps=num_warps, num_stages=num_stages)
-    tq = max(_tile(t, block_q), _tile(t, block_q_bwd))
-    tk = max(_tile(s, block_k), _tile(s, block_k_bwd))
-    tp, sp = _round_up(t, tq), _round_up(s, tk)
+    tq = max(tile(t, block_q), tile(t, block_q_bwd))
+    tk = max(tile(s, block_k), tile(s, block_k_bwd))
+    tp, sp = round_up(t, tq), round_up(s, tk)
     qp = _pad_to(q, (b, tp, h, dp))
     kp, vp = _pad_to(k, (b, sp, kh, dp)), _pad_to(v, (b, sp, kh, dp))
     if q_seg is not None:

@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gmm.reference import local_bounds, tile_group_range
+from pallas_kernels.tiling import round_up, tile
 
 Array = jax.Array
 
@@ -57,15 +58,6 @@ class GmmConfig:
     interpret: bool = False
     num_warps: int | None = None
     num_stages: int | None = None
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _tile(size: int, block: int) -> int:
-    """Block used for a dim of ``size``: ``block`` or the next power of two >= 16 below it."""
-    return min(block, max(16, pl.next_power_of_2(size)))
 
 
 def _pad_to(x: Array, shape: tuple[int, ...]) -> Array:
@@ -119,8 +111,8 @@ def _gmm_call(lhs: Array, rhs: Array, starts: Array, ends: Array, cfg: GmmConfig
     m, k = lhs.shape
     g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    bm, bk, bn = _tile(m, cfg.block_m), _tile(k, cfg.block_k), _tile(n, cfg.block_n)
-    mp, kp, np_ = _round_up(m, bm), _round_up(k, bk), _round_up(n, bn)
+    bm, bk, bn = tile(m, cfg.block_m), tile(k, cfg.block_k), tile(n, cfg.block_n)
+    mp, kp, np_ = round_up(m, bm), round_up(k, bk), round_up(n, bn)
     lhs = _pad_to(lhs, (mp, kp))
     if transpose_rhs:
         rhs = _pad_to(rhs, (g, np_, kp))
@@ -174,8 +166,8 @@ def _tgmm_call(lhs: Array, dy: Array, starts: Array, ends: Array, cfg: GmmConfig
     m, k = lhs.shape
     n = dy.shape[1]
     g = starts.shape[0]
-    bm, bk, bn = _tile(m, cfg.block_m), _tile(k, cfg.block_k), _tile(n, cfg.block_n)
-    mp, kp, np_ = _round_up(m, bm), _round_up(k, bk), _round_up(n, bn)
+    bm, bk, bn = tile(m, cfg.block_m), tile(k, cfg.block_k), tile(n, cfg.block_n)
+    mp, kp, np_ = round_up(m, bm), round_up(k, bk), round_up(n, bn)
     lhs, dy = _pad_to(lhs, (mp, kp)), _pad_to(dy, (mp, np_))
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, bm=bm),
