@@ -117,8 +117,9 @@ class ExperimentConfig:
         if not self.model.causal:
             raise ValueError(f"model {self.model.name!r} is not causal: on next-token tasks a bidirectional "
                              "mixer sees the answer it must predict (a leak). Use a causal mixer.")
-        eval_model = self.eval.model if self.eval.model is not None else self.model
-        if eval_model is not self.model:
+        eval_model, which = self.model, "model"
+        if self.eval.model is not None:
+            eval_model, which = self.eval.model, "eval.model"
             if not isinstance(eval_model, ModelConfig):
                 raise ValueError(f"eval.model must be a ModelConfig or None, got {type(eval_model).__name__}")
             eval_model.validate("eval.model")
@@ -128,7 +129,6 @@ class ExperimentConfig:
                 raise ValueError(f"eval.model.vocab_size={eval_model.vocab_size} differs from "
                                  f"model.vocab_size={self.model.vocab_size}; the evaluation model "
                                  "reuses the trained parameters")
-        which = "model" if eval_model is self.model else "eval.model"
         for i, length in enumerate(self.eval_lengths):
             if not isinstance(length, int) or length <= 0:
                 raise ValueError(f"eval.lengths[{i}]={length!r} must be a positive int")

@@ -257,8 +257,7 @@ def _eval_model(cfg: ExperimentConfig, model):
     abstract = jax.eval_shape(model.init, key, dummy)
     got = jax.eval_shape(eval_model.init, key, dummy)
     shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), nn.unbox(tree))
-    want, have = shapes(abstract), shapes(got)
-    if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
+    if shapes(abstract) != shapes(got):  # nested dicts: compares structure and leaves
         raise ValueError(f"eval.model ({cfg.eval.model.name!r}) does not take the trained parameters "
                          "unchanged: its variables differ in structure, shape or dtype from model's. "
                          "Only parameter-free changes (position scaling, window, impl) are allowed")

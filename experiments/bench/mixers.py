@@ -184,8 +184,9 @@ def _decode_rows(configs: dict, contexts, repeats: int):
         for ctx in contexts:
             try:
                 cache = _filled(cfg.init_cache(D_MODEL, 1, ctx, jnp.float32), ctx - 1)
-            except (ValueError, NotImplementedError) as e:
-                print(f"  skip {label}: no decode cache ({e})")
+            except (ValueError, NotImplementedError) as e:  # a causal mixer must have one
+                print(f"  {label}: init_cache failed: {type(e).__name__}: {str(e)[:200]}")
+                rows.append({"mixer": label, "context": ctx, "step us": f"failed ({type(e).__name__})"})
                 break
             step = lambda v, x, c: module.apply(v, x, positions=jnp.full((1, 1), ctx - 1, jnp.int32),
                                                 cache=c)

@@ -75,9 +75,10 @@ def get_sweep(smoke: bool = False):
     runs = []
     for task_label, (task_name, knobs, vocab) in TASKS.items():
         task = make_task(task_name, seq_len=length, vocab_size=vocab, **knobs)
+        model_for = lambda pos, vocab=vocab: archs.preset(
+            "llama", "tiny", vocab_size=vocab, d_model=64, n_layers=2, max_len=max(evals),
+            short_conv=4, **pos)
         for scheme, (train_pos, eval_pos) in _schemes(length).items():
-            model_for = lambda pos: archs.preset("llama", "tiny", vocab_size=vocab, d_model=64,
-                                                 n_layers=2, max_len=max(evals), short_conv=4, **pos)
             runs.append(ExperimentConfig(
                 name=f"{task_label}-{scheme}", arch=f"{task_label}:{scheme}", model=model_for(train_pos),
                 task=task,
