@@ -32,7 +32,7 @@ from layers.blockwise_attention import blockwise_attention
 from layers.mixer import MixerConfig, nbytes, one_of, positive
 from layers.positions import RopeConfig, alibi_slopes, apply_rope, apply_xpos
 from layers.typing import Array, DType
-from pallas_kernels.flash_attention.reference import reference_attention
+from pallas_kernels.attention.reference import reference_attention
 
 ATTENTION_IMPLS = ("dense", "blockwise", "pallas")
 POSITION_SCHEMES = ("rope", "alibi", "none", "xpos")

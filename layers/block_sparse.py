@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.typing import Array
-from pallas_kernels.flash_attention.reference import split_segment_ids
+from pallas_kernels.attention.reference import split_segment_ids
 
 _NEG = -jnp.inf
 

@@ -105,7 +105,7 @@ class MoEConfig:
     kl_uniform_coef: float = 0.0
     load_deviation_coef: float = 0.0
     expert_parallel: bool = True        # all-to-all when the mesh has an "expert" axis > 1
-    gmm_impl: str | None = None         # pallas_kernels.gmm impl for dropless
+    gmm_impl: str | None = None         # pallas_kernels.grouped_matmul impl for dropless
     allow_noncausal_routing: bool = False
 
     @property

@@ -24,7 +24,7 @@ All paths compute the same thing whenever no token is dropped: for every token `
   expert-parallel path (layers/expert_parallel.py), which replaces the local expert
   matmul by all-to-all + local experts + all-to-all.
 * (c) dropless (:func:`dropless_moe`): all N*k assignments sorted by expert, then
-  ``pallas_kernels.gmm`` grouped matmuls on the sorted rows; nothing is dropped.
+  ``pallas_kernels.grouped_matmul`` grouped matmuls on the sorted rows; nothing is dropped.
   (``jax.lax.ragged_dot`` is not used: on CPU it computes every expert.)
 * (d) one-hot (:func:`onehot_moe`): the GShard formulation (Lepikhin et al. 2020):
   positions from a cumulative sum over one-hot assignments, dispatch/combine tensors
@@ -174,7 +174,7 @@ def run_plan(x: Array, slot_token: Array, slot_weight: Array, w: dict, n_experts
 # ----------------------------------------------------------------------------- dropless
 
 def dropless_moe(x: Array, experts: Array, weights: Array, w: dict, impl: str | None = None) -> Array:
-    """Dropless token choice through ``pallas_kernels.gmm``. x [N, D]; experts, weights [N, k]."""
+    """Dropless token choice through ``pallas_kernels.grouped_matmul``. x [N, D]; experts, weights [N, k]."""
     from pallas_kernels import gmm  # late import: kernels are optional at import time
 
     n, k = experts.shape

@@ -10,13 +10,11 @@
 is stated in each ``pallas.py`` docstring: interpret mode on CPU (values and
 gradients) and lowering to Triton IR; nothing has been run on a GPU or TPU yet.
 
-The functions shadow their subpackages as attributes of ``pallas_kernels``
-(``pallas_kernels.gmm`` is the function), so import submodules with
-``from pallas_kernels.gmm import ops`` / ``from pallas_kernels.gmm.ops import gmm_xla``,
-not ``import pallas_kernels.gmm.ops as ops``.
+Subpackages are named by operation (``attention``, ``grouped_matmul``) and never
+shadowed by the public functions, so ``import pallas_kernels.grouped_matmul.ops`` works.
 """
 
-from pallas_kernels.flash_attention import flash_attention, reference_attention
-from pallas_kernels.gmm import gmm, gmm_reference, tgmm
+from pallas_kernels.attention import flash_attention, reference_attention
+from pallas_kernels.grouped_matmul import gmm, gmm_reference, tgmm
 
 __all__ = ["flash_attention", "gmm", "gmm_reference", "reference_attention", "tgmm"]

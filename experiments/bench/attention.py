@@ -23,7 +23,7 @@ from experiments.bench.common import (compile_fn, compiled_stats, fmt_bytes, mar
 
 def _attn_rows(lengths, repeats, max_time_dense):
     from layers.blockwise_attention import blockwise_attention
-    from pallas_kernels.flash_attention.reference import reference_attention
+    from pallas_kernels.attention.reference import reference_attention
 
     rows = []
     for t in lengths:

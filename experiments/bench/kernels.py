@@ -15,7 +15,7 @@ forward output vs ``dpa-xla``.
 
 gmm (``M = tokens * k`` rows sorted into E groups of random sizes, ``[M, D] x [E, D, F]``):
 
-* ``gmm-pallas`` (GPU only), ``gmm-xla`` (the tiled scan of ``pallas_kernels.gmm``),
+* ``gmm-pallas`` (GPU only), ``gmm-xla`` (the tiled scan of ``pallas_kernels.grouped_matmul``),
   ``ragged_dot`` (``jax.lax.ragged_dot``), ``capacity-einsum`` (the matmul of a
   capacity-buffer MoE, ``[E, C, D] x [E, D, F]`` with ``C = 1.25 M / E``; dispatch
   and combine are not included). TFLOP/s count useful work only, ``2 M D F``

@@ -2,7 +2,7 @@
 with the same ACTIVE parameters (hidden width ``k * F``), for E experts and top-k.
 
 Paths: ``capacity`` (sort + [E, C, D] buffers + batched matmuls + scatter),
-``dropless`` (sort + ``pallas_kernels.gmm``; its XLA scan on CPU), ``onehot`` (GShard
+``dropless`` (sort + ``pallas_kernels.grouped_matmul``; its XLA scan on CPU), ``onehot`` (GShard
 einsum dispatch). Each row is the whole MoE layer (router, routing, dispatch), timed
 as ``jit(value_and_grad)`` of ``sum(y * cotangent)`` w.r.t. the input and every
 parameter.

@@ -9,7 +9,7 @@ import pytest
 from layers.attention import AttentionConfig
 from layers.blockwise_attention import blockwise_attention
 from layers.positions import alibi_slopes
-from pallas_kernels.flash_attention.reference import reference_attention
+from pallas_kernels.attention.reference import reference_attention
 from tests.helpers import normal, rel_rms
 
 CASES = {

@@ -18,7 +18,7 @@ from layers.mamba import MambaConfig
 from layers.mamba2 import Mamba2Config
 from layers.retnet import RetNetConfig
 from layers.rwkv6 import RWKV6ChannelMixConfig, RWKV6Config
-from pallas_kernels.flash_attention.reference import reference_attention
+from pallas_kernels.attention.reference import reference_attention
 
 D, B, T, T1, LA = 24, 2, 29, 11, 13   # T and T1 are not multiples of the chunk (8)
 

@@ -15,7 +15,7 @@ from layers.routed_attention import RoutedAttentionConfig, block_means, route
 from layers.sparse_attention import BigBirdConfig, LongformerConfig, SlidingWindowConfig
 from layers.sparse_transformer import SparseTransformerConfig
 from layers.transnormer import TransNormerConfig, phi
-from pallas_kernels.flash_attention.reference import reference_attention
+from pallas_kernels.attention.reference import reference_attention
 from tests.helpers import normal, rel_rms
 
 B, T, H, K, DH = 2, 63, 4, 2, 8          # T = 63: never a multiple of the blocks below

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gmm.reference import local_bounds, tile_group_range
+from pallas_kernels.grouped_matmul.reference import local_bounds, tile_group_range
 from pallas_kernels.tiling import round_up, tile
 
 Array = jax.Array

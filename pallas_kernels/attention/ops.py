@@ -23,8 +23,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention.pallas import flash_attention_pallas
-from pallas_kernels.flash_attention.reference import reference_attention, split_segment_ids
+from pallas_kernels.attention.pallas import flash_attention_pallas
+from pallas_kernels.attention.reference import reference_attention, split_segment_ids
 
 Array = jax.Array
 IMPLS = ("pallas", "xla")

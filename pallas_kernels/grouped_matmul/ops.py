@@ -30,8 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm.pallas import GmmConfig, gmm_pallas, tgmm_pallas
-from pallas_kernels.gmm.reference import local_bounds, tile_group_range
+from pallas_kernels.grouped_matmul.pallas import GmmConfig, gmm_pallas, tgmm_pallas
+from pallas_kernels.grouped_matmul.reference import local_bounds, tile_group_range
 
 Array = jax.Array
 IMPLS = ("pallas", "xla")
