@@ -12,7 +12,7 @@ find_python = $(shell \
     "$$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null && { command -v "$$c"; break; }; \
   done)
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean aot-venv aot-test hf-venv hf-fixtures
 
 $(STAMP): pyproject.toml
 	@PY="$(find_python)"; \
@@ -29,6 +29,42 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Deviceless compile checks (TPU via libtpu, GPU via the CUDA plugin, no accelerator
+# needed) live in their own venv: the plugins are large and `make test` does not need them.
+AOT_VENV := .venv-aot
+AOT_STAMP := $(AOT_VENV)/.installed
+
+$(AOT_STAMP): pyproject.toml
+	@PY="$(find_python)"; \
+	if [ -z "$$PY" ]; then echo "error: archlab needs Python >= 3.12 (see 'make test')"; exit 1; fi; \
+	echo "Creating $(AOT_VENV) with $$PY ($$($$PY --version))"; \
+	[ -x $(AOT_VENV)/bin/python ] || "$$PY" -m venv $(AOT_VENV); \
+	$(AOT_VENV)/bin/python -m pip install -q --upgrade pip && \
+	$(AOT_VENV)/bin/python -m pip install -q -e '.[aot,test]' && touch $(AOT_STAMP)
+
+aot-venv: $(AOT_STAMP)
+
+aot-test: $(AOT_STAMP)
+	JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 $(AOT_VENV)/bin/python -m pytest -n 2 -q tests_aot
+
+# HuggingFace golden fixtures (tests/fixtures/hf/): torch + transformers in their own venv,
+# never in $(VENV); tests and CI read the committed fixtures with safetensors/numpy only.
+HF_VENV := .venv-hf
+HF_STAMP := $(HF_VENV)/.installed
+
+$(HF_STAMP): pyproject.toml
+	@PY="$(find_python)"; \
+	if [ -z "$$PY" ]; then echo "error: archlab needs Python >= 3.12 (see 'make test')"; exit 1; fi; \
+	echo "Creating $(HF_VENV) with $$PY ($$($$PY --version))"; \
+	[ -x $(HF_VENV)/bin/python ] || "$$PY" -m venv $(HF_VENV); \
+	$(HF_VENV)/bin/python -m pip install -q --upgrade pip && \
+	$(HF_VENV)/bin/python -m pip install -q -e '.[hf]' && touch $(HF_STAMP)
+
+hf-venv: $(HF_STAMP)
+
+hf-fixtures: $(HF_STAMP)
+	CUDA_VISIBLE_DEVICES= $(HF_VENV)/bin/python tools/make_hf_fixtures.py --out tests/fixtures/hf
+
 run: $(STAMP)
 	$(VENV)/bin/archlab run experiments/configs/quickstart.py --out runs/quickstart --overwrite
 
@@ -39,4 +75,4 @@ bench: $(STAMP)
 	$(VENV)/bin/archlab bench attention
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(AOT_VENV) $(HF_VENV) runs

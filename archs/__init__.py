@@ -1,42 +1,33 @@
-"""Complete models: an explicit registry of presets (STYLE.md #6).
+"""Complete models: an explicit registry of presets (docs/conventions.md #6).
 
 ``preset(name, size="small", **overrides) -> ModelConfig``; ``names()``;
 ``build(config) -> flax.linen.Module``; ``generate(model, params, prompt, n)``.
 
-Overrides may name a ``ModelConfig`` field (``n_layers=4``) or a field of the
-mixers/FFNs in the pattern (``impl="blockwise"``, ``window=64``, ``short_conv=4``),
-applied to every block that has it.
+Overrides may name a ``ModelConfig`` field (``n_layers=4``), ``short_conv``, or a field
+of the mixers/FFNs in the pattern (``attn_impl="blockwise"``, ``window=64``), applied to
+every block that has it; a field that components of several kinds have must be
+qualified by kind (``**{"attention.n_heads": 8}``) -- see ``archs.config.override``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
-from archs.config import BlockSpec, ModelConfig, replace_in_blocks
+from archs.config import BlockSpec, ModelConfig, override
 from archs.generate import generate
-from archs.llama import llama
 from archs.model import LM, DecodeCache
 
-# name -> (builder(size) -> ModelConfig, sizes)
-PRESETS: dict[str, tuple[Callable[..., ModelConfig], tuple[str, ...]]] = {
-    "llama": (llama, ("tiny", "small", "8b")),
-}
+# One module per family, each with its PRESETS: name -> (builder(size) -> ModelConfig, sizes).
+from archs import (efficient_attention, linear, llama, memory_attention, moe, retnet,  # noqa: E402
+                   rwkv, sparse_attention, ssm)
 
-# --- family registrations: each family inserts `from archs import fam` and
-# `PRESETS.update(fam.PRESETS)` directly below its marker ---
-# [linear-time mixers, issue 3]
-from archs import linear, retnet, rwkv, ssm
-PRESETS.update(ssm.PRESETS)
-PRESETS.update(rwkv.PRESETS)
-PRESETS.update(retnet.PRESETS)
-PRESETS.update(linear.PRESETS)
-# [sparse/local/memory attention, issue 4]
-from archs import sparse
-PRESETS.update(sparse.PRESETS)
-# [mixture of experts, issue 5]
-from archs import moe
-PRESETS.update(moe.PRESETS)
+PRESETS: dict[str, tuple[Callable[..., ModelConfig], tuple[str, ...]]] = {}
+for _family in (llama, ssm, rwkv, retnet, linear, sparse_attention, memory_attention,
+                efficient_attention, moe):
+    _clash = set(PRESETS) & set(_family.PRESETS)
+    if _clash:
+        raise ImportError(f"preset name(s) {sorted(_clash)} registered twice ({_family.__name__})")
+    PRESETS.update(_family.PRESETS)
 
 
 def names() -> list[str]:
@@ -59,12 +50,7 @@ def preset(name: str, size: str = "small", **overrides) -> ModelConfig:
     builder, valid_sizes = PRESETS[name]
     if size not in valid_sizes:
         raise ValueError(f"preset {name!r} has no size {size!r}; valid sizes: {list(valid_sizes)}")
-    cfg = builder(size)
-    top = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in top})
-    rest = {k: v for k, v in overrides.items() if k not in top}
-    if rest:
-        cfg = replace_in_blocks(cfg, **rest)
+    cfg = override(builder(size), **overrides)
     cfg.validate()
     return cfg
 
@@ -76,4 +62,4 @@ def build(config: ModelConfig) -> LM:
 
 
 __all__ = ["BlockSpec", "DecodeCache", "ModelConfig", "PRESETS", "build", "generate", "names",
-           "preset", "sizes"]
+           "override", "preset", "sizes"]

@@ -1,10 +1,18 @@
 """Model configuration: a model is an embedding, ``n_layers`` residual pre-norm blocks
 built from a repeating ``pattern`` of :class:`BlockSpec`, a final norm and a (tied) head.
 
-The pattern is the *repeating group*: Llama is ``(attention+swiglu,)``, Jamba is
-``(mamba+ffn, mamba+moe, mamba+ffn, attention+moe, ...)``. ``n_layers`` must be a
-multiple of ``len(pattern)``; with ``scan_layers`` the stack runs as ``nn.scan``
-over ``n_layers / len(pattern)`` groups, so compile time does not grow with depth.
+The pattern is the *repeating unit* of the stack: Llama is ``(attention+swiglu,)``,
+Jamba is ``(mamba+ffn, mamba+moe, mamba+ffn, attention+moe, ...)``. ``n_layers`` must be
+a multiple of ``len(pattern)``; with ``scan_layers`` the stack runs as ``nn.scan``
+over ``n_repeats = n_layers / len(pattern)`` repeats, so compile time does not grow
+with depth.
+
+Overrides (``archs.preset(name, size, **overrides)`` and :func:`override`) name a
+``ModelConfig`` field, a ``BlockSpec`` field (``short_conv``), or a field of the
+mixers/FFNs in the pattern. A field name that components of more than one kind have
+(``n_heads`` in a hybrid of attention and RetNet; ``hidden`` of ``ffn`` and ``moe``)
+is refused with the list of places it could go; qualify it with the component's
+kind: ``{"attention.n_heads": 8}``.
 """
 
 from __future__ import annotations
@@ -15,8 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from layers.attention import AttentionConfig
+from layers.contracts import FeedForwardConfig, MixerConfig, in_range, one_of, positive
 from layers.ffn import FFNConfig
-from layers.mixer import MixerConfig, one_of, positive
 from layers.norms import NORMS
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -32,7 +40,7 @@ class BlockSpec:
     (Mamba-style stacks).
     """
     mixer: MixerConfig = AttentionConfig()
-    ffn: Any = FFNConfig()
+    ffn: FeedForwardConfig | None = FFNConfig()
     short_conv: int = 0
 
 
@@ -53,13 +61,14 @@ class ModelConfig:
     max_len: int = 2048          # longest sequence / cache the model accepts
 
     @property
-    def n_groups(self) -> int:
+    def n_repeats(self) -> int:
+        """How many times the pattern repeats (the ``nn.scan`` length)."""
         return self.n_layers // len(self.pattern)
 
     @property
     def causal(self) -> bool:
         # An FFN can break causality too (MoE expert-choice routing sees the whole sequence).
-        return all(b.mixer.causal and getattr(b.ffn, "causal", True) for b in self.pattern)
+        return all(b.mixer.causal and (b.ffn is None or b.ffn.causal) for b in self.pattern)
 
     @property
     def compute_dtype(self):
@@ -71,6 +80,7 @@ class ModelConfig:
         positive(f"{path}.d_model", self.d_model)
         positive(f"{path}.n_layers", self.n_layers)
         positive(f"{path}.max_len", self.max_len)
+        in_range(f"{path}.norm_eps", self.norm_eps, 0.0, lo_open=True)
         one_of(f"{path}.norm", self.norm, sorted(NORMS))
         one_of(f"{path}.remat", self.remat, REMAT_POLICIES)
         one_of(f"{path}.dtype", self.dtype, DTYPES)
@@ -86,35 +96,70 @@ class ModelConfig:
             if not isinstance(spec.mixer, MixerConfig):
                 raise ValueError(f"{path}.pattern.{i}.mixer={spec.mixer!r} must be a MixerConfig")
             spec.mixer.validate(self.d_model, f"{path}.pattern.{i}.mixer")
+            if spec.ffn is not None and not isinstance(spec.ffn, FeedForwardConfig):
+                raise ValueError(f"{path}.pattern.{i}.ffn={spec.ffn!r} must be a FeedForwardConfig or None")
             if spec.ffn is not None:
                 spec.ffn.validate(self.d_model, f"{path}.pattern.{i}.ffn")
             if spec.short_conv < 0 or spec.short_conv == 1:
                 raise ValueError(f"{path}.pattern.{i}.short_conv={spec.short_conv} must be 0 (off) or >= 2")
 
 
-def replace_in_blocks(cfg: ModelConfig, **fields) -> ModelConfig:
-    """Sets ``fields`` on every mixer/FFN/BlockSpec in the pattern that has them.
+def override(cfg: ModelConfig, **fields) -> ModelConfig:
+    """``cfg`` with ``fields`` set: ``ModelConfig`` fields, ``short_conv``, and fields of the
+    pattern's mixers/FFNs (plain, or qualified by kind as ``"kind.field"``).
 
-    Used by ``archs.preset(name, impl="blockwise")``-style overrides. A field that no
-    part of the model has raises ValueError listing what is settable.
+    A plain field goes to every component that has it, provided all of them are of one
+    kind; otherwise ValueError lists the places (and the qualified names) it could go.
+    An unknown field raises ValueError listing what is settable.
     """
-    unused = set(fields)
-    blocks = []
+    top = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k in top})
+    by_kind: dict[str, dict[str, Any]] = {}
+    for key, value in fields.items():
+        if key in top:
+            continue
+        kind, _, name = key.rpartition(".")
+        kinds = _kinds_with(cfg, name) if not kind else ({kind} & _kinds_with(cfg, name))
+        if not kinds:
+            raise ValueError(f"unknown override {key!r} for model {cfg.name!r}; settable: "
+                             f"{_settable(cfg)}")
+        if len(kinds) > 1:
+            places = [f"{k}.{name}" for k in sorted(kinds)]
+            raise ValueError(f"override {key!r} is ambiguous for model {cfg.name!r}: components "
+                             f"of kinds {sorted(kinds)} all have it; write one of {places}")
+        by_kind.setdefault(kinds.pop(), {})[name] = value
+    if not by_kind:
+        return cfg
+    return dataclasses.replace(cfg, pattern=tuple(_override_block(s, by_kind) for s in cfg.pattern))
+
+
+def _components(spec: BlockSpec) -> list[tuple[str, Any]]:
+    """(kind, config) of the parts of a block that take overrides."""
+    parts = [("block", spec), (spec.mixer.kind, spec.mixer)]
+    if spec.ffn is not None:
+        parts.append((spec.ffn.kind, spec.ffn))
+    return parts
+
+
+def _kinds_with(cfg: ModelConfig, name: str) -> set[str]:
+    return {kind for spec in cfg.pattern for kind, part in _components(spec)
+            if name in _field_names(part) and not (kind == "block" and name in ("mixer", "ffn"))}
+
+
+def _settable(cfg: ModelConfig) -> list[str]:
+    names = set(_field_names(cfg))
     for spec in cfg.pattern:
-        mix_f = {k: v for k, v in fields.items() if k in _field_names(spec.mixer)}
-        ffn_f = {k: v for k, v in fields.items() if spec.ffn is not None and k in _field_names(spec.ffn)}
-        blk_f = {k: v for k, v in fields.items() if k in ("short_conv",)}
-        unused -= set(mix_f) | set(ffn_f) | set(blk_f)
-        spec = dataclasses.replace(spec, mixer=dataclasses.replace(spec.mixer, **mix_f), **blk_f)
-        if ffn_f:
-            spec = dataclasses.replace(spec, ffn=dataclasses.replace(spec.ffn, **ffn_f))
-        blocks.append(spec)
-    if unused:
-        settable = sorted(set(_field_names(cfg)) | {f for s in cfg.pattern for f in
-                          _field_names(s.mixer) + (_field_names(s.ffn) if s.ffn else []) + ["short_conv"]})
-        raise ValueError(f"unknown override(s) {sorted(unused)} for preset {cfg.name!r}; "
-                         f"settable: {settable}")
-    return dataclasses.replace(cfg, pattern=tuple(blocks))
+        for kind, part in _components(spec):
+            names |= {f"{kind}.{n}" for n in _field_names(part) if n not in ("mixer", "ffn")}
+    return sorted(names)
+
+
+def _override_block(spec: BlockSpec, by_kind: dict[str, dict[str, Any]]) -> BlockSpec:
+    mixer = dataclasses.replace(spec.mixer, **by_kind.get(spec.mixer.kind, {}))
+    ffn = spec.ffn
+    if ffn is not None:
+        ffn = dataclasses.replace(ffn, **by_kind.get(ffn.kind, {}))
+    return dataclasses.replace(spec, mixer=mixer, ffn=ffn, **by_kind.get("block", {}))
 
 
 def _field_names(obj) -> list[str]:

@@ -1,5 +1,6 @@
 """Linear-attention Transformers: the linear transformer (Katharopoulos et al. 2020,
-``phi = elu + 1``) and the Performer (Choromanski et al. 2021, FAVOR+).
+``phi = elu + 1``) and the Performer (Choromanski et al. 2021, FAVOR+); mixers in
+``layers/recurrent/linear_attention.py``.
 
 The blocks are Llama's (RMSNorm pre-norm, SwiGLU FFN, same sizes as the ``llama``
 preset) with the softmax attention swapped for the kernelized one, so comparisons
@@ -10,30 +11,49 @@ so order enters only through causality.
 
 from __future__ import annotations
 
+import dataclasses
+
 from archs.config import BlockSpec, ModelConfig
 from layers.ffn import FFNConfig
-from layers.linear_attention import LinearAttentionConfig, PerformerConfig
-
-#        d_model, layers, heads, ffn multiple_of, vocab, max_len
-SIZES = {"tiny": (64, 2, 4, 16, 256, 1024), "small": (128, 4, 4, 32, 512, 4096)}
+from layers.recurrent.linear_attention import LinearAttentionConfig, PerformerConfig
 
 
-def _model(name: str, mixer, size: str) -> ModelConfig:
-    d, n_layers, _, mult_of, vocab, max_len = SIZES[size]
-    ffn = FFNConfig(activation="swiglu", multiple_of=mult_of)
-    return ModelConfig(name=name, vocab_size=vocab, d_model=d, n_layers=n_layers,
-                       pattern=(BlockSpec(mixer=mixer, ffn=ffn),), norm="rmsnorm", max_len=max_len)
+@dataclasses.dataclass(frozen=True)
+class LinearSize:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_multiple_of: int      # SwiGLU width: Llama's 8/3 D rule rounded up to this multiple
+    vocab_size: int
+    max_len: int
 
 
-def linear_transformer(size: str = "small", **_) -> ModelConfig:
-    return _model("linear_transformer", LinearAttentionConfig(n_heads=SIZES[size][2]), size)
+SIZES = {
+    "tiny": LinearSize(d_model=64, n_layers=2, n_heads=4, ffn_multiple_of=16, vocab_size=256,
+                       max_len=1024),
+    "small": LinearSize(d_model=128, n_layers=4, n_heads=4, ffn_multiple_of=32, vocab_size=512,
+                        max_len=4096),
+}
 
 
-def performer(size: str = "small", **_) -> ModelConfig:
-    return _model("performer", PerformerConfig(n_heads=SIZES[size][2]), size)
+def _model(name: str, mixer, s: LinearSize) -> ModelConfig:
+    ffn = FFNConfig(activation="swiglu", multiple_of=s.ffn_multiple_of)
+    return ModelConfig(name=name, vocab_size=s.vocab_size, d_model=s.d_model, n_layers=s.n_layers,
+                       pattern=(BlockSpec(mixer=mixer, ffn=ffn),), norm="rmsnorm",
+                       max_len=s.max_len)
+
+
+def linear_transformer(size: str = "small") -> ModelConfig:
+    s = SIZES[size]
+    return _model("linear_transformer", LinearAttentionConfig(n_heads=s.n_heads), s)
+
+
+def performer(size: str = "small") -> ModelConfig:
+    s = SIZES[size]
+    return _model("performer", PerformerConfig(n_heads=s.n_heads), s)
 
 
 PRESETS = {
-    "linear_transformer": (linear_transformer, ("tiny", "small")),
-    "performer": (performer, ("tiny", "small")),
+    "linear_transformer": (linear_transformer, tuple(SIZES)),
+    "performer": (performer, tuple(SIZES)),
 }

@@ -1,15 +1,16 @@
-"""The generic decoder LM (DESIGN.md): embedding -> blocks from a pattern -> final norm
+"""The generic decoder LM (docs/design.md): embedding -> blocks from a pattern -> final norm
 -> (tied) head, returning ``(logits, aux)``.
 
-* ``aux = {"losses": {name: scalar}, "metrics": {name: [n_groups, ...]}}``: auxiliary
+* ``aux = {"losses": {name: scalar}, "metrics": {name: [n_repeats, ...]}}``: auxiliary
   losses (summed over layers; the train loop adds them to the task loss) and
-  diagnostics (stacked per layer group) produced by FFNs/mixers.
+  diagnostics (stacked over pattern repeats, one key per block of the pattern)
+  produced by mixers and FFNs (both follow ``layers.contracts``).
 * Decoding: ``model.init_cache(batch, max_len)`` builds the cache pytree
   :class:`DecodeCache`; ``model.apply(params, tokens, cache=cache)``
   returns ``(logits, aux, new_cache)``.
-* With ``scan_layers`` the repeating group runs under ``nn.scan`` (parameters get a
+* With ``scan_layers`` the repeating pattern runs under ``nn.scan`` (parameters get a
   leading ``layers`` axis) wrapped in ``nn.remat`` with the configured policy;
-  otherwise groups are unrolled as ``layers_0 ... layers_{n-1}`` (same math; tests
+  otherwise repeats are unrolled as ``layers_0 ... layers_{n-1}`` (same math; tests
   check scanned == unrolled).
 """
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from archs.config import BlockSpec, ModelConfig
+from layers.contracts import Aux
 from layers.conv import ShortConv
 from layers.embed import Embedding
 from layers.norms import make_norm
@@ -54,13 +56,23 @@ def segment_positions(segment_ids: Array) -> Array:
 @struct.dataclass
 class DecodeCache:
     """The model's decode cache: ``index`` tokens written so far (int32 []), the
-    per-layer mixer caches (stacked over groups when scanned), and the static length."""
+    per-block caches ``{"mixer", "ffn", "conv"}`` (stacked over repeats when scanned),
+    and the static length."""
     index: Array
     layers: Any
     max_len: int = struct.field(pytree_node=False)
 
 
+def _add_aux(losses: dict, metrics: dict, aux: Aux, suffix: str) -> None:
+    for name, val in aux.get("losses", {}).items():   # summed over blocks
+        losses[name] = losses.get(name, 0.0) + val
+    for name, val in aux.get("metrics", {}).items():  # kept per block
+        metrics[f"{name}/{suffix}"] = val
+
+
 class Block(nn.Module):
+    """``x + mixer(conv?(norm(x)))`` then ``x + ffn(norm(x))``; mixer and FFN follow the
+    same contract (``layers.contracts``): ``(y, new_cache, aux)``."""
     spec: BlockSpec
     cfg: ModelConfig
 
@@ -68,27 +80,27 @@ class Block(nn.Module):
     def __call__(self, x, positions, segment_ids, cache, train):
         cfg, spec = self.cfg, self.spec
         dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
+        part = lambda key: None if cache is None else cache[key]
         h = make_norm(cfg.norm, cfg.norm_eps, dt, pdt, name="mixer_norm")(x)
-        new_cache = {}
+        new_cache, losses, metrics = {}, {}, {}
         if spec.short_conv:
-            h, conv_state = ShortConv(spec.short_conv, dt, pdt, name="short_conv")(
-                h, None if cache is None else cache["conv"], segment_ids)
-            new_cache["conv"] = conv_state
-        y, mix_cache = spec.mixer.make(cfg.d_model, dt, pdt, name="mixer")(
-            h, positions=positions, segment_ids=segment_ids,
-            cache=None if cache is None else cache["mixer"], train=train)
-        new_cache["mixer"] = mix_cache
+            h, new_cache["conv"] = ShortConv(spec.short_conv, dt, pdt, name="short_conv")(
+                h, part("conv"), segment_ids)
+        y, new_cache["mixer"], aux = spec.mixer.make(cfg.d_model, dt, pdt, name="mixer")(
+            h, positions=positions, segment_ids=segment_ids, cache=part("mixer"), train=train)
+        _add_aux(losses, metrics, aux, "mixer")
         x = x + y.astype(x.dtype)
-        aux = {}
         if spec.ffn is not None:
             h = make_norm(cfg.norm, cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
-            y, aux = spec.ffn.make(cfg.d_model, dt, pdt, name="ffn")(h, train=train)
+            y, new_cache["ffn"], aux = spec.ffn.make(cfg.d_model, dt, pdt, name="ffn")(
+                h, positions=positions, segment_ids=segment_ids, cache=part("ffn"), train=train)
+            _add_aux(losses, metrics, aux, "ffn")
             x = x + y.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, (new_cache if cache is not None else None), aux
+        return x, (new_cache if cache is not None else None), {"losses": losses, "metrics": metrics}
 
 
-class Group(nn.Module):
+class Repeat(nn.Module):
     """One repetition of the pattern: ``len(pattern)`` blocks in sequence."""
     cfg: ModelConfig
 
@@ -99,10 +111,11 @@ class Group(nn.Module):
             x, c, aux = Block(spec, self.cfg, name=f"block_{i}")(
                 x, positions, segment_ids, None if cache is None else cache[i], train)
             caches.append(c)
-            for name, val in aux.get("losses", {}).items():   # summed over blocks
+            for name, val in aux["losses"].items():
                 losses[name] = losses.get(name, 0.0) + val
-            for name, val in aux.get("metrics", {}).items():  # kept per block
-                metrics[f"{name}/block_{i}"] = val
+            for name, val in aux["metrics"].items():
+                base, _, where = name.rpartition("/")
+                metrics[f"{base}/block_{i}" if where == "ffn" else f"{base}/block_{i}/{where}"] = val
         return x, ((tuple(caches) if cache is not None else None),
                    {"losses": losses, "metrics": metrics})
 
@@ -119,18 +132,18 @@ class LM(nn.Module):
         cfg = self.cfg
         dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, dt, pdt)
-        group = Group
+        repeat = Repeat
         if cfg.remat != "none":
-            group = nn.remat(Group, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
+            repeat = nn.remat(Repeat, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
                              static_argnums=(5,))
         if cfg.scan_layers:
-            scanned = nn.scan(group, variable_axes={"params": 0, STATE_COLLECTION: 0},
+            scanned = nn.scan(repeat, variable_axes={"params": 0, STATE_COLLECTION: 0},
                               split_rngs={"params": True, **{r: True for r in RNG_STREAMS}},
                               in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), out_axes=0,
-                              length=cfg.n_groups, metadata_params={nn.PARTITION_NAME: "layers"})
+                              length=cfg.n_repeats, metadata_params={nn.PARTITION_NAME: "layers"})
             self.layers = scanned(cfg)
         else:
-            self.layers = [group(cfg) for _ in range(cfg.n_groups)]
+            self.layers = [repeat(cfg) for _ in range(cfg.n_repeats)]
         self.final_norm = make_norm(cfg.norm, cfg.norm_eps, dt, pdt)
         if not cfg.tie_embeddings:
             init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -163,8 +176,8 @@ class LM(nn.Module):
                    "metrics": aux["metrics"]}
         else:
             new_layers, auxes = [], []
-            for i, grp in enumerate(self.layers):
-                x, (c, a) = grp(x, positions, segment_ids,
+            for i, rep in enumerate(self.layers):
+                x, (c, a) = rep(x, positions, segment_ids,
                                 None if cache is None else layer_cache[i], train)
                 new_layers.append(c)
                 auxes.append(a)
@@ -189,14 +202,16 @@ class LM(nn.Module):
 
         def block_cache(spec: BlockSpec):
             c = {"mixer": spec.mixer.init_cache(cfg.d_model, batch, max_len, dt)}
+            if spec.ffn is not None:
+                c["ffn"] = spec.ffn.init_cache(cfg.d_model, batch, max_len, dt)
             if spec.short_conv:
                 c["conv"] = jnp.zeros((batch, spec.short_conv - 1, cfg.d_model), dt)
             return c
-        group = tuple(block_cache(s) for s in cfg.pattern)
+        unit = tuple(block_cache(s) for s in cfg.pattern)
         if cfg.scan_layers:
-            layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_groups,) + x.shape), group)
+            layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_repeats,) + x.shape), unit)
         else:
-            layers = [group for _ in range(cfg.n_groups)]
+            layers = [unit for _ in range(cfg.n_repeats)]
         return DecodeCache(jnp.zeros((), jnp.int32), layers, max_len)
 
     @nn.nowrap
@@ -204,8 +219,9 @@ class LM(nn.Module):
         """Bytes of decode state per sequence at context ``seq_len`` (all layers)."""
         cfg = self.cfg
         dt = cfg.compute_dtype if dtype is None else dtype
-        per_group = sum(s.mixer.state_size(cfg.d_model, seq_len, dt)
-                        + (s.short_conv - 1) * cfg.d_model * jnp.dtype(dt).itemsize * bool(s.short_conv)
-                        for s in cfg.pattern)
-        return per_group * cfg.n_groups
+        per_repeat = sum(s.mixer.state_size(cfg.d_model, seq_len, dt)
+                         + (0 if s.ffn is None else s.ffn.state_size(cfg.d_model, seq_len, dt))
+                         + (s.short_conv - 1) * cfg.d_model * jnp.dtype(dt).itemsize * bool(s.short_conv)
+                         for s in cfg.pattern)
+        return per_repeat * cfg.n_repeats
 

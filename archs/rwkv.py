@@ -1,28 +1,44 @@
-"""RWKV-6 "Finch" (Peng et al. 2024): LayerNorm pre-norm blocks alternating time
-mixing and channel mixing, ``x + TM(LN(x))`` then ``x + CM(LN(x))``.
-
-Channel mixing needs the previous token (its token shift), so it is a *mixer* with a
-one-token cache, not an FFN (see ``layers/rwkv6.py``). One RWKV layer is therefore a
-pattern of two blocks with ``ffn=None``; ``n_layers`` counts blocks (2 per RWKV layer).
-The reference model's extra LayerNorm after the embedding (``ln0``) is not used.
+"""RWKV-6 "Finch" (Peng et al. 2024): LayerNorm pre-norm layers ``x + TM(LN1(x))`` then
+``x + CM(LN2(x))`` -- one block per RWKV layer, time mixing as the mixer and channel
+mixing as the FFN (``layers/recurrent/rwkv6.py``; channel mixing keeps a one-token
+decode cache through the FFN contract). ``n_layers`` counts RWKV layers. The reference
+model's extra LayerNorm after the embedding (``ln0``) is not used.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from archs.config import BlockSpec, ModelConfig
-from layers.rwkv6 import RWKV6ChannelMixConfig, RWKV6Config
-
-#        d_model, rwkv layers, head size, mix rank, decay rank, vocab, max_len
-SIZES = {"tiny": (64, 2, 16, 8, 16, 256, 1024), "small": (128, 4, 32, 16, 32, 512, 4096)}
+from layers.recurrent.rwkv6 import RWKV6ChannelMixConfig, RWKV6Config
 
 
-def rwkv6(size: str = "small", **_) -> ModelConfig:
-    d, layers, head, mix_rank, decay_rank, vocab, max_len = SIZES[size]
-    tm = RWKV6Config(head_size=head, mix_rank=mix_rank, decay_rank=decay_rank)
-    cm = RWKV6ChannelMixConfig()
-    return ModelConfig(name="rwkv6", vocab_size=vocab, d_model=d, n_layers=2 * layers,
-                       pattern=(BlockSpec(mixer=tm, ffn=None), BlockSpec(mixer=cm, ffn=None)),
-                       norm="layernorm", max_len=max_len)
+@dataclasses.dataclass(frozen=True)
+class RWKVSize:
+    d_model: int
+    n_layers: int             # RWKV layers (time mixing + channel mixing each)
+    head_dim: int
+    mix_rank: int             # rank of the five ddlerp LoRAs
+    decay_rank: int           # rank of the decay LoRA
+    vocab_size: int
+    max_len: int
 
 
-PRESETS = {"rwkv6": (rwkv6, ("tiny", "small"))}
+SIZES = {
+    "tiny": RWKVSize(d_model=64, n_layers=2, head_dim=16, mix_rank=8, decay_rank=16,
+                     vocab_size=256, max_len=1024),
+    "small": RWKVSize(d_model=128, n_layers=4, head_dim=32, mix_rank=16, decay_rank=32,
+                      vocab_size=512, max_len=4096),
+}
+
+
+def rwkv6(size: str = "small") -> ModelConfig:
+    s = SIZES[size]
+    tm = RWKV6Config(head_dim=s.head_dim, mix_rank=s.mix_rank, decay_rank=s.decay_rank)
+    return ModelConfig(name="rwkv6", vocab_size=s.vocab_size, d_model=s.d_model,
+                       n_layers=s.n_layers,
+                       pattern=(BlockSpec(mixer=tm, ffn=RWKV6ChannelMixConfig()),),
+                       norm="layernorm", max_len=s.max_len)
+
+
+PRESETS = {"rwkv6": (rwkv6, tuple(SIZES))}

@@ -1,4 +1,4 @@
-"""The ``archlab`` command line: run, report, bench, list.
+"""The ``archlab`` command line: run, report, bench, list, aot.
 
 Configuration errors (bad field, unknown preset, existing run directory, mismatched
 checkpoint) print ``archlab: error: ...`` and exit with code 2 before compiling.
@@ -62,6 +62,32 @@ def _bench(args, rest) -> int:
     return module.main(rest)
 
 
+def _aot(args) -> int:
+    # Compile-only devices need no accelerator; keep jax off any local one.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from experiments.aot import runner, targets
+    target = targets.parse_target(args.target)
+    runs = runner.resolve(args.config, target.n_devices, args.set or [], smoke=args.smoke, only=args.only)
+    devices = targets.compile_only_devices(target)
+    rows = []
+    for r in runs:
+        if args.search:
+            best, row = runner.search_batch(r, target, devices)
+            print(f"[{r.name}] largest per-device batch that fits on {target.spec}: {best or 'none'}")
+            if row is None:
+                continue
+        else:
+            row = runner.compile_run(r, target, devices, decode=not args.no_decode)
+        rows.append(row)
+    print(runner.markdown(rows))
+    runner.write(rows, args.json)
+    if args.json:
+        print(f"json: {args.json}")
+    failed = [r["name"] for r in rows if "error" in r["train"] and r["train"].get("fits") is not False]
+    return 1 if failed else 0
+
+
 def _list(args) -> int:
     import archs
     from experiments.tasks import TASKS
@@ -100,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: attention, kernels, mixers, moe")
     b.add_argument("name")
     sub.add_parser("list", help="presets, tasks, experiment files, benchmarks")
+    a = sub.add_parser("aot", help="compile train/decode steps deviceless for a TPU/GPU target")
+    a.add_argument("config", help="experiment file, or a preset NAME[:SIZE] (e.g. llama:8b)")
+    a.add_argument("--target", required=True,
+                   help="tpu:<v4|v5e|v5p|v6e>-N (Cloud TPU names) or gpu:[HOSTSx][Nx]<h100|h200|b200|a100>")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    a.add_argument("--smoke", action="store_true", help="the experiment file's smoke variant")
+    a.add_argument("--only", help="comma-separated run names of a sweep")
+    a.add_argument("--json", help="write the rows as JSON here")
+    a.add_argument("--no-decode", action="store_true", help="compile the train step only")
+    a.add_argument("--search", action="store_true",
+                   help="find the largest power-of-two per-device batch whose train step fits")
     return p
 
 
@@ -116,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "bench":
             return _bench(args, rest)
+        if args.command == "aot":
+            return _aot(args)
         return _list(args)
     except ValueError as e:
         print(f"archlab: error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ An experiment file (``experiments/configs/*.py``) starts with a docstring (the
 command and the expected result) and defines ``get_config(smoke=False)`` and/or
 ``get_sweep(smoke=False)`` returning ``ExperimentConfig`` / a list of them.
 ``--set a.b=value`` parses ``value`` with ``ast.literal_eval`` (never ``eval``);
-tuples in a path are indexed by position (``model.pattern.0.mixer.impl='blockwise'``).
+tuples in a path are indexed by position (``model.pattern.0.mixer.attn_impl='blockwise'``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,16 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
+import re
+import traceback
+import types
+import typing
 from typing import Any
 
 from archs.config import ModelConfig
+from layers.contracts import in_range
 from experiments.tasks import TaskConfig
 
 
@@ -94,7 +100,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
-    group: str = ""                # runs sharing a group are one cell; the report keeps the best
+    cell: str = ""                 # runs sharing a cell (e.g. the lrs of one setting); report keeps the best
     arch: str = ""                 # label in reports/plots; "" = model.name
 
     @property
@@ -103,8 +109,7 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Everything checkable without compiling; ValueError names field, value, allowed."""
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise ValueError(f"name={self.name!r} must be a non-empty string without '/'")
+        check_run_name("name", self.name)
         if not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig (e.g. archs.preset(...)), got {type(self.model).__name__}")
         if not isinstance(self.task, TaskConfig):
@@ -129,31 +134,35 @@ class ExperimentConfig:
                 raise ValueError(f"eval.model.vocab_size={eval_model.vocab_size} differs from "
                                  f"model.vocab_size={self.model.vocab_size}; the evaluation model "
                                  "reuses the trained parameters")
+        if self.task.seq_len > self.model.max_len:
+            raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={self.model.max_len}")
         for i, length in enumerate(self.eval_lengths):
             if not isinstance(length, int) or length <= 0:
                 raise ValueError(f"eval.lengths[{i}]={length!r} must be a positive int")
             if length > eval_model.max_len:
                 raise ValueError(f"eval.lengths[{i}]={length} exceeds {which}.max_len={eval_model.max_len}")
             self.task.for_eval(length).validate(f"task(at eval length {length})")
-        if self.task.seq_len > self.model.max_len:
-            raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={self.model.max_len}")
         o, s, t, e = self.optimizer, self.schedule, self.train, self.eval
-        for path, v in [("optimizer.lr", o.lr), ("optimizer.b1", o.b1), ("optimizer.b2", o.b2)]:
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{path}={v!r} must be a positive number")
-        if o.weight_decay < 0 or o.grad_clip < 0:
-            raise ValueError(f"optimizer.weight_decay={o.weight_decay} and optimizer.grad_clip={o.grad_clip} must be >= 0")
-        if s.warmup_steps < 0 or not 0 <= s.final_lr_fraction <= 1:
-            raise ValueError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0 and "
-                             f"schedule.final_lr_fraction={s.final_lr_fraction} in [0, 1]")
+        in_range("optimizer.lr", o.lr, 0.0, lo_open=True)
+        in_range("optimizer.b1", o.b1, 0.0, 1.0, hi_open=True)
+        in_range("optimizer.b2", o.b2, 0.0, 1.0, hi_open=True)
+        in_range("optimizer.eps", o.eps, 0.0, lo_open=True)
+        in_range("optimizer.weight_decay", o.weight_decay, 0.0)
+        in_range("optimizer.grad_clip", o.grad_clip, 0.0)
+        in_range("schedule.final_lr_fraction", s.final_lr_fraction, 0.0, 1.0)
+        if not isinstance(s.warmup_steps, int) or isinstance(s.warmup_steps, bool) or s.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps={s.warmup_steps!r} must be an int >= 0")
         for path, v in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
                         ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
                         ("eval.every", e.every), ("eval.batches", e.batches), ("eval.batch_size", e.batch_size)]:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{path}={v!r} must be a positive integer")
-        if t.checkpoint_every < 0:
+        if not isinstance(t.seed, int) or isinstance(t.seed, bool):
+            raise ValueError(f"train.seed={t.seed!r} must be an int")
+        if not isinstance(t.checkpoint_every, int) or t.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: final only)")
-        if t.segment_len is not None and (t.segment_len <= 0 or self.task.seq_len % t.segment_len):
+        if t.segment_len is not None and (not isinstance(t.segment_len, int) or t.segment_len <= 0
+                                          or self.task.seq_len % t.segment_len):
             raise ValueError(f"train.segment_len={t.segment_len} must be a positive divisor of "
                              f"task.seq_len={self.task.seq_len}")
         for axis in ("data", "fsdp", "expert", "tensor"):
@@ -164,19 +173,44 @@ class ExperimentConfig:
 
 # ----------------------------------------------------------------------------- loading
 
+class ExperimentFileError(ValueError):
+    """User code in an experiment file failed: names the file, the line and the cause."""
+
+
+def check_run_name(path: str, name: Any) -> None:
+    """Run names become directory names: a plain name, no separators, not ``.``/``..``."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{path}={name!r} must be a plain run name: letters, digits, '.', '_', "
+                         "'-', '+', '=' and ',' only (no path separators), not '.' or '..'")
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.+=,\-]+")
+
+
 def load_experiment_file(path: str, smoke: bool = False) -> list[ExperimentConfig]:
-    """Imports an experiment file and returns its runs (``get_sweep`` or ``[get_config()]``)."""
+    """Imports an experiment file and returns its runs (``get_sweep`` or ``[get_config()]``).
+
+    Errors in the file's own code (syntax errors, failing imports, exceptions in
+    ``get_config``/``get_sweep``, a wrong return type) raise :class:`ExperimentFileError`
+    naming the file, the line and the cause.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"experiment file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"archlab_experiment_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if hasattr(module, "get_sweep"):
-        runs = list(module.get_sweep(smoke=smoke))
-    elif hasattr(module, "get_config"):
-        runs = [module.get_config(smoke=smoke)]
-    else:
+    module = _exec_experiment_file(path)
+    fn_name = "get_sweep" if hasattr(module, "get_sweep") else "get_config"
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
         raise ValueError(f"experiment file {path!r} defines neither get_config() nor get_sweep()")
+    result = _call_user(path, fn, fn_name, smoke)
+    runs = list(result) if fn_name == "get_sweep" and isinstance(result, (list, tuple)) else [result]
+    if fn_name == "get_sweep" and not isinstance(result, (list, tuple)):
+        raise ExperimentFileError(f"{path}: get_sweep() returned a {type(result).__name__}; it must "
+                                  "return a list of ExperimentConfig")
+    for i, r in enumerate(runs):
+        if not isinstance(r, ExperimentConfig):
+            where = f"get_sweep()[{i}]" if fn_name == "get_sweep" else "get_config()"
+            raise ExperimentFileError(f"{path}: {where} returned a {type(r).__name__}; it must be "
+                                      "an experiments.config.ExperimentConfig")
     if not runs:
         raise ValueError(f"experiment file {path!r} returned no runs")
     names = [r.name for r in runs]
@@ -184,6 +218,43 @@ def load_experiment_file(path: str, smoke: bool = False) -> list[ExperimentConfi
     if dup:
         raise ValueError(f"experiment file {path!r}: run names must be unique, repeated: {sorted(dup)}")
     return runs
+
+
+def _exec_experiment_file(path: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"archlab_experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ExperimentFileError(f"{e.filename or path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:
+        raise ExperimentFileError(f"{_user_frame(path, e)}: loading the experiment file failed: "
+                                  f"{type(e).__name__}: {e}") from e
+    return module
+
+
+def _call_user(path: str, fn, fn_name: str, smoke: bool):
+    try:
+        return fn(smoke=smoke)
+    except TypeError as e:
+        if "smoke" in str(e) and "unexpected keyword" in str(e):
+            raise ExperimentFileError(f"{path}: {fn_name}() must accept the keyword argument "
+                                      f"'smoke' (def {fn_name}(smoke=False): ...)") from e
+        raise ExperimentFileError(f"{_user_frame(path, e)}: {fn_name}() failed: "
+                                  f"{type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise ExperimentFileError(f"{_user_frame(path, e)}: {fn_name}() failed: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+def _user_frame(path: str, exc: BaseException) -> str:
+    """``file:line`` of the innermost traceback frame in the experiment file (else the file)."""
+    target = os.path.abspath(path)
+    where = path
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(frame.filename) == target:
+            where = f"{path}:{frame.lineno}"
+    return where
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -209,7 +280,13 @@ def apply_override(obj: Any, path: list[str], value: Any, full: str = "") -> Any
         if head not in names:
             raise ValueError(f"--set {full}: {type(obj).__name__} has no field {head!r}; valid fields: {names}")
         cur = getattr(obj, head)
-        new = apply_override(cur, rest, value, full) if rest else _coerce(cur, value, full)
+        if rest:
+            new = apply_override(cur, rest, value, full)
+        else:
+            if value is None and cur is not None and not _allows_none(type(obj), head):
+                raise ValueError(f"--set {full}=None: this field needs a value like the current "
+                                 f"{cur!r}; None is not allowed")
+            new = _coerce(cur, value, full)
         return dataclasses.replace(obj, **{head: new})
     if isinstance(obj, tuple) and rest is not None:
         if not head.isdigit() or int(head) >= len(obj):
@@ -220,6 +297,15 @@ def apply_override(obj: Any, path: list[str], value: Any, full: str = "") -> Any
     raise ValueError(f"--set {full}: cannot descend into {type(obj).__name__} at {head!r}")
 
 
+def _allows_none(cls: type, field: str) -> bool:
+    """Whether the dataclass field's annotation admits None (``X | None``)."""
+    try:
+        hint = typing.get_type_hints(cls).get(field)
+    except Exception:   # unresolvable annotation: fall back to refusing None
+        return False
+    return hint is type(None) or type(None) in typing.get_args(hint)
+
+
 def _coerce(cur: Any, value: Any, full: str) -> Any:
     if cur is None or value is None:
         return value
@@ -227,6 +313,9 @@ def _coerce(cur: Any, value: Any, full: str) -> Any:
         raise ValueError(f"--set {full}={value!r}: expected a bool like the current value {cur!r}")
     if isinstance(cur, float) and isinstance(value, int):
         return float(value)
+    if isinstance(cur, int) and isinstance(value, float):
+        raise ValueError(f"--set {full}={value!r}: expected an int like the current value {cur!r} "
+                         "(a float is not converted silently)")
     if isinstance(cur, tuple) and isinstance(value, list):
         return tuple(value)
     if dataclasses.is_dataclass(cur) or type(cur) is not type(value) and not (
@@ -256,10 +345,12 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(x) for x in obj]
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)            # strict JSON has no NaN/Infinity: "nan", "inf", "-inf"
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return repr(obj)
 
 
 def config_json(cfg: ExperimentConfig) -> str:
-    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True, allow_nan=False)

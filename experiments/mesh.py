@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding (DESIGN.md "Scale").
+"""Device mesh and logical-axis sharding (docs/design.md).
 
 One code path from 1 CPU to a pod: a ``jax.sharding.Mesh`` with axes
 ``(data, fsdp, expert, tensor)`` (a size of -1 fills the devices left), and the

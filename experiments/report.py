@@ -2,7 +2,7 @@
 
 Writes ``report.md`` (a markdown table: architecture, params, training length, final
 loss, evaluation accuracy per length, throughput; and, when several runs share a
-``group`` — e.g. the learning rates of one sweep cell — the best run per cell, as
+``cell`` — e.g. the learning rates of one sweep setting — the best run per cell, as
 Zoology reports) and matplotlib PNGs: accuracy per architecture vs sequence length,
 training-loss curves, throughput, and scalar diagnostics (aux losses, MoE load CV, ...).
 """
@@ -37,7 +37,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
     evals = [r for r in rows if r["split"] == "eval"]
     last_step = max((r["step"] for r in evals), default=None)
     final_eval = {r["length"]: r["accuracy"] for r in evals if r["step"] == last_step}
-    return {"dir": run_dir, "name": cfg["name"], "group": cfg.get("group", ""),
+    return {"dir": run_dir, "name": cfg["name"], "cell": cfg.get("cell", ""),
             "arch": cfg.get("arch") or cfg["model"]["name"], "cfg": cfg, "train": train,
             "evals": evals, "final_eval": final_eval, "params": summary.get("params"),
             "train_len": cfg["task"]["seq_len"], "task": cfg["task"]["__class__"],
@@ -51,12 +51,12 @@ def _score(run) -> float:
     return float(np.mean(list(run["final_eval"].values()))) if run["final_eval"] else -1.0
 
 
-def best_per_group(runs: list[dict]) -> list[dict]:
-    """One run per non-empty group (highest mean final eval accuracy); ungrouped runs kept."""
-    groups, out = defaultdict(list), []
+def best_per_cell(runs: list[dict]) -> list[dict]:
+    """One run per non-empty cell (highest mean final eval accuracy); runs without a cell kept."""
+    cells, out = defaultdict(list), []
     for r in runs:
-        (groups[r["group"]].append(r) if r["group"] else out.append(r))
-    out += [max(g, key=_score) for g in groups.values()]
+        (cells[r["cell"]].append(r) if r["cell"] else out.append(r))
+    out += [max(c, key=_score) for c in cells.values()]
     return sorted(out, key=lambda r: (r["arch"], r["train_len"], r["name"]))
 
 
@@ -78,7 +78,7 @@ def write_report(run_dirs: list[str], out_dir: str, title: str = "archlab report
     runs = [load_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
     lengths = sorted({n for r in runs for n in r["final_eval"]})
-    best = best_per_group(runs)
+    best = best_per_cell(runs)
     md = [f"# {title}", "", f"{len(runs)} run(s). Accuracy is on scored positions of the "
           "evaluation stream at the end of training.", ""]
     if len(best) < len(runs):

@@ -1,8 +1,9 @@
-"""The train loop (STYLE.md #9), in phases: build -> init/restore -> compile -> loop
+"""The train loop, in phases: build -> init/restore -> compile -> loop
 (train step, eval, checkpoint, log) -> report.
 
 * Optimizer: optax AdamW (decay on matrices only), linear warmup + cosine decay,
-  global-norm clipping. The jitted train step donates the state.
+  global-norm clipping. The jitted train step donates the state; AdamW's moments
+  are sharded like their parameters (FSDP shards the whole state).
 * Loss: cross-entropy on the task's scored positions (``loss_mask``; or all tokens
   with ``train.loss_on_all_tokens``) plus the model's ``aux["losses"]``.
   Non-gradient variables (``state`` collection, e.g. an aux-loss-free router bias)
@@ -24,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 import archs
 from archs.model import RNG_STREAMS, STATE_COLLECTION
@@ -125,118 +127,195 @@ def _prepare_run_dir(cfg: ExperimentConfig, out_dir: str, resume: bool, overwrit
     os.makedirs(out_dir, exist_ok=True)
 
 
+def abstract_variables(cfg: ExperimentConfig, model):
+    """The model's (boxed, logically annotated) variables as ShapeDtypeStructs; nothing runs."""
+    dummy = jax.ShapeDtypeStruct((1, min(cfg.task.seq_len, 8)), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(cfg.train.seed), dummy)
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+    """Shardings of ``tx.init(params)``: every parameter-shaped leaf (AdamW's mu and nu)
+    sharded like its parameter, the rest (step counts) replicated.
+
+    Left to XLA, ``jax.jit(tx.init)`` replicates the state (its zeros do not depend on
+    the parameters' values, so no sharding propagates): under FSDP each device would
+    hold the whole AdamW state.
+    """
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def init_state(cfg: ExperimentConfig, model, tx, mesh) -> TrainState:
+    """A fresh TrainState, parameters and optimizer state created already sharded
+    (call under the mesh and rules)."""
+    dummy = jnp.zeros((1, min(cfg.task.seq_len, 8)), jnp.int32)
+    var_shardings = mesh_lib.logical_sharding(abstract_variables(cfg, model), mesh, cfg.mesh)
+    variables = jax.jit(lambda k: nn.unbox(model.init(k, dummy)), out_shardings=var_shardings)(
+        jax.random.PRNGKey(cfg.train.seed))
+    params = variables["params"]
+    opt_sh = opt_state_shardings(tx, params, var_shardings["params"], mesh)
+    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init, out_shardings=opt_sh)(params),
+                      variables.get(STATE_COLLECTION, {}))
+
+
+def make_train_step(cfg: ExperimentConfig, model, tx, schedule):
+    """The (unjitted) train step ``(TrainState, Batch, rng) -> (TrainState, metrics)``.
+
+    ``archlab run`` and ``archlab aot`` both jit exactly this function through
+    :func:`jit_train_step`: loss (CE on scored positions + the model's aux losses),
+    gradients, the optimizer update and the non-gradient ``state`` collection.
+    """
+    seg = cfg.train.segment_len
+
+    def loss_fn(params, ts, batch, rng):
+        rngs = {r: jax.random.fold_in(rng, i) for i, r in enumerate(RNG_STREAMS)}
+        mutable = [STATE_COLLECTION] if ts.state else False
+        variables = {"params": params, **({STATE_COLLECTION: ts.state} if ts.state else {})}
+        logits, aux, new_state = forward(model, variables, batch.inputs, segment_len=seg,
+                                         train=True, rngs=rngs, mutable=mutable)
+        mask = jnp.ones_like(batch.loss_mask) if cfg.train.loss_on_all_tokens else batch.loss_mask
+        nll, _, n = masked_ce(logits, batch.targets, mask)
+        _, correct, n_scored = masked_ce(logits, batch.targets, batch.loss_mask)
+        ce = nll / jnp.maximum(n, 1.0)
+        aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
+        metrics = {"loss": ce + aux_total, "ce": ce, "accuracy": correct / jnp.maximum(n_scored, 1.0),
+                   **{f"aux/{k}": v for k, v in aux["losses"].items()},
+                   **{f"diag/{k}": v for k, v in aux["metrics"].items()}}
+        return ce + aux_total, (metrics, new_state)
+
+    def train_step(ts: TrainState, step_batch, rng):
+        (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            ts.params, ts, step_batch, rng)
+        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+        metrics["lr"] = schedule(ts.step)
+        new_state = new_state if ts.state else ts.state
+        return TrainState(ts.step + 1, params, opt_state, new_state), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state_shardings):
+    """``jax.jit`` of a train step: the state is donated and keeps ``state_shardings``."""
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
 def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite: bool = False,
         progress: bool = True, devices=None, write_report: bool = True) -> dict[str, Any]:
     """Trains ``cfg`` into ``out_dir`` and returns a summary dict (final metrics)."""
-    # ---- build: everything validated before anything compiles
+    b = _build(cfg, out_dir, resume, overwrite, devices)
+    with mesh_lib.mesh_context(b.mesh), nn.logical_axis_rules(mesh_lib.rules(cfg.mesh)):
+        state, start_step, ckpt = _init_or_restore(cfg, b, out_dir, resume)
+        n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+        train_step, make_batch, evaluator = _compile(cfg, b, state)
+        final_eval, tok_s = _loop(cfg, out_dir, state, start_step, ckpt, train_step, make_batch,
+                                  evaluator, progress)
+    return _report(cfg, out_dir, n_params, final_eval, tok_s, write_report)
+
+
+class _Built(NamedTuple):
+    """What the build phase produces."""
+    mesh: Any
+    model: Any
+    eval_model: Any
+    tx: Any
+    schedule: Any
+    batch_shard: Any
+
+
+def _build(cfg: ExperimentConfig, out_dir: str, resume: bool, overwrite: bool, devices) -> _Built:
+    """Build phase: everything validated before anything compiles; the run directory prepared."""
     cfg.validate()
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    dp = mesh_lib.batch_axis_size(mesh, cfg.mesh)
-    for path, bsz in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size)):
-        if bsz % dp:
-            raise ValueError(f"{path}={bsz} must be divisible by the data-parallel size {dp} "
-                             f"(mesh {dict(mesh.shape)})")
+    check_batch_divisible(cfg, mesh)
     model = archs.build(cfg.model)
     eval_model = _eval_model(cfg, model)
     _prepare_run_dir(cfg, out_dir, resume, overwrite)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config_json(cfg))
     tx, schedule = make_optimizer(cfg)
-    rules = mesh_lib.rules(cfg.mesh)
-    seg = cfg.train.segment_len
-    batch_shard = mesh_lib.batch_sharding(mesh, cfg.mesh)
+    return _Built(mesh, model, eval_model, tx, schedule, mesh_lib.batch_sharding(mesh, cfg.mesh))
 
-    with mesh_lib.mesh_context(mesh), nn.logical_axis_rules(rules):
-        # ---- init (sharded from the start) / restore
-        dummy = jnp.zeros((1, min(cfg.task.seq_len, 8)), jnp.int32)
-        init_key = jax.random.PRNGKey(cfg.train.seed)
-        abstract = jax.eval_shape(model.init, init_key, dummy)
-        var_shardings = mesh_lib.logical_sharding(abstract, mesh, cfg.mesh)
-        variables = jax.jit(lambda k: nn.unbox(model.init(k, dummy)), out_shardings=var_shardings)(init_key)
-        params = variables["params"]
-        n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-        state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
-                           variables.get(STATE_COLLECTION, {}))
-        ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.train.keep_checkpoints)
-        start_step = 0
-        if resume:
-            last = ckpt.latest_step()
-            if last is None:
-                raise ValueError(f"--resume: no checkpoint in {out_dir}/checkpoints")
-            state = ckpt.restore(last, ckpt_lib.abstract_like(state))
-            start_step = int(state.step)
-        _truncate_metrics(out_dir, start_step)
 
-        # ---- compile
-        def loss_fn(params, ts, batch, rng):
-            rngs = {r: jax.random.fold_in(rng, i) for i, r in enumerate(RNG_STREAMS)}
-            mutable = [STATE_COLLECTION] if ts.state else False
-            variables = {"params": params, **({STATE_COLLECTION: ts.state} if ts.state else {})}
-            logits, aux, new_state = forward(model, variables, batch.inputs, segment_len=seg,
-                                             train=True, rngs=rngs, mutable=mutable)
-            mask = jnp.ones_like(batch.loss_mask) if cfg.train.loss_on_all_tokens else batch.loss_mask
-            nll, _, n = masked_ce(logits, batch.targets, mask)
-            _, correct, n_scored = masked_ce(logits, batch.targets, batch.loss_mask)
-            ce = nll / jnp.maximum(n, 1.0)
-            aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
-            metrics = {"loss": ce + aux_total, "ce": ce, "accuracy": correct / jnp.maximum(n_scored, 1.0),
-                       **{f"aux/{k}": v for k, v in aux["losses"].items()},
-                       **{f"diag/{k}": v for k, v in aux["metrics"].items()}}
-            return ce + aux_total, (metrics, new_state)
+def check_batch_divisible(cfg: ExperimentConfig, mesh) -> None:
+    """ValueError unless the train and eval batch sizes divide over the data-parallel axes."""
+    dp = mesh_lib.batch_axis_size(mesh, cfg.mesh)
+    for path, bsz in (("train.batch_size", cfg.train.batch_size), ("eval.batch_size", cfg.eval.batch_size)):
+        if bsz % dp:
+            raise ValueError(f"{path}={bsz} must be divisible by the data-parallel size {dp} "
+                             f"(mesh {dict(mesh.shape)})")
 
-        def train_step(ts: TrainState, step_batch, rng):
-            (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                ts.params, ts, step_batch, rng)
-            updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-            params = optax.apply_updates(ts.params, updates)
-            metrics["grad_norm"] = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
-            metrics["lr"] = schedule(ts.step)
-            new_state = new_state if ts.state else ts.state
-            return TrainState(ts.step + 1, params, opt_state, new_state), metrics
 
-        state_shard = jax.tree.map(lambda x: x.sharding, state)
-        train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
-        make_batch = jax.jit(lambda step: get_batch(cfg.task, cfg.train.seed, step, cfg.train.batch_size),
-                             out_shardings=batch_shard)
-        evaluator = _Evaluator(cfg, eval_model, batch_shard, seg)
+def _init_or_restore(cfg: ExperimentConfig, b: _Built, out_dir: str, resume: bool):
+    """Init phase (sharded from the start) or restore from the latest checkpoint."""
+    state = init_state(cfg, b.model, b.tx, b.mesh)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.train.keep_checkpoints)
+    start_step = 0
+    if resume:
+        last = ckpt.latest_step()
+        if last is None:
+            raise ValueError(f"--resume: no checkpoint in {out_dir}/checkpoints")
+        state = ckpt.restore(last, ckpt_lib.abstract_like(state))
+        start_step = int(state.step)
+    _truncate_metrics(out_dir, start_step)
+    return state, start_step, ckpt
 
-        # ---- loop
-        log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-        bar = _progress(progress, start_step, cfg.train.steps, cfg.name)
-        tokens_per_step = cfg.train.batch_size * cfg.task.seq_len
-        t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
-        final_eval: dict[int, float] = {}
-        base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
-        for step in range(start_step, cfg.train.steps):
-            batch = make_batch(step)
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
-            steps_since += 1
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                if step > start_step:  # exclude the compile step from throughput
-                    tok_s = tokens_per_step * steps_since / (now - t_last)
-                t_last, steps_since = now, 0
-                row = {"split": "train", "step": done, "tokens_per_s": tok_s,
-                       **{k: _jsonable(v) for k, v in metrics.items()}}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
-                                tok_s=f"{tok_s:,.0f}")
-            if done % cfg.eval.every == 0 or done == cfg.train.steps:
-                final_eval = evaluator(state)
-                for length, (acc, loss) in final_eval.items():
-                    log.write(json.dumps({"split": "eval", "step": done, "length": length,
-                                          "accuracy": acc, "loss": loss}) + "\n")
-                log.flush()
-                t_last = time.perf_counter()  # eval time is not train throughput
-            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
-                ckpt.save(done, state)
-            bar.update(1)
-        bar.close()
-        log.close()
-        ckpt.close()
+
+def _compile(cfg: ExperimentConfig, b: _Built, state: TrainState):
+    """Compile phase: the jitted train step, batch maker and evaluator."""
+    state_shard = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jit_train_step(make_train_step(cfg, b.model, b.tx, b.schedule), state_shard)
+    make_batch = jax.jit(lambda step: get_batch(cfg.task, cfg.train.seed, step, cfg.train.batch_size),
+                         out_shardings=b.batch_shard)
+    evaluator = _Evaluator(cfg, b.eval_model, b.batch_shard, cfg.train.segment_len)
+    return train_step, make_batch, evaluator
+
+
+def _loop(cfg: ExperimentConfig, out_dir, state, start_step, ckpt, train_step, make_batch,
+          evaluator, progress):
+    """Loop phase: train steps, logging, eval and checkpoints. Returns (final eval, tokens/s)."""
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    bar = _progress(progress, start_step, cfg.train.steps, cfg.name)
+    tokens_per_step = cfg.train.batch_size * cfg.task.seq_len
+    t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
+    final_eval: dict[int, float] = {}
+    base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
+    for step in range(start_step, cfg.train.steps):
+        state, metrics = train_step(state, make_batch(step), jax.random.fold_in(base_rng, step))
+        steps_since += 1
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            if step > start_step:  # exclude the compile step from throughput
+                tok_s = tokens_per_step * steps_since / (now - t_last)
+            t_last, steps_since = now, 0
+            row = {"split": "train", "step": done, "tokens_per_s": tok_s,
+                   **{k: _jsonable(v) for k, v in metrics.items()}}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done % cfg.eval.every == 0 or done == cfg.train.steps:
+            final_eval = evaluator(state)
+            for length, (acc, loss) in final_eval.items():
+                log.write(json.dumps({"split": "eval", "step": done, "length": length,
+                                      "accuracy": acc, "loss": loss}) + "\n")
+            log.flush()
+            t_last = time.perf_counter()  # eval time is not train throughput
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
+            ckpt.save(done, state)
+        bar.update(1)
+    bar.close()
+    log.close()
+    ckpt.close()
+    return final_eval, tok_s
+
+
+def _report(cfg: ExperimentConfig, out_dir, n_params, final_eval, tok_s, write_report) -> dict[str, Any]:
+    """Report phase: ``summary.json`` and (optionally) ``report.md``."""
     summary = {"name": cfg.name, "params": n_params, "steps": cfg.train.steps,
                "eval": {int(k): v[0] for k, v in final_eval.items()}, "tokens_per_s": tok_s}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:

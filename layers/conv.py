@@ -1,33 +1,42 @@
 """Causal depthwise short convolution (H3, Fu et al. 2023; Mamba's conv1d; Zoology's
 "BASED recipe" places one before every mixer).
 
-``y[t, c] = sum_{j<W} w[j, c] * x[t - W + 1 + j, c] + b[c]``: each channel sees only
-the current and previous W - 1 tokens. Decode keeps the last W - 1 inputs as state,
+``y[t, c] = sum_{j<W} w[j, c] * x[t - W + 1 + j, c] + b[c]`` for every channel ``c``
+(W: the conv width, a window of W tokens): each channel sees only the current and
+previous W - 1 tokens. Channels are written Di below (D for ``ShortConv``, the inner
+width in Mamba). Decode keeps the last W - 1 inputs as state,
 so prefill + one-token steps equal the full convolution.
+
+:class:`ShortConv` is the block-level conv (``BlockSpec.short_conv``);
+:func:`conv_params` creates the conv1d parameters of the Mamba / Mamba-2 blocks.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers import initializers as init
 from layers.typing import Array, DType
 
 
 def causal_conv(x: Array, w: Array, b: Array | None, state: Array | None = None,
                 segment_ids: Array | None = None) -> tuple[Array, Array]:
-    """Depthwise causal conv. x: [B, T, C]; w: [W, C]; state: [B, W-1, C] (previous inputs).
+    """Depthwise causal conv. x: [B, T, Di]; w: [W, Di]; b: [Di];
+    state: [B, W-1, Di] (previous inputs).
 
-    Returns ``(y [B, T, C], new_state [B, W-1, C])``. With ``segment_ids [B, T]``,
+    Returns ``(y [B, T, Di], new_state [B, W-1, Di])``. With ``segment_ids [B, T]``,
     inputs from an earlier segment are zeroed (packed sequences do not leak).
     """
     width = w.shape[0]
-    bsz, t, c = x.shape
+    bsz, t, di = x.shape
     if state is None:
-        state = jnp.zeros((bsz, width - 1, c), x.dtype)
-    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
-    y = jnp.zeros((bsz, t, c), jnp.float32)
+        state = jnp.zeros((bsz, width - 1, di), x.dtype)
+    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, Di]
+    y = jnp.zeros((bsz, t, di), jnp.float32)
     for j in range(width):
         tap = jax.lax.dynamic_slice_in_dim(xp, j, t, axis=1).astype(jnp.float32)
         if segment_ids is not None and j < width - 1:
@@ -42,8 +51,18 @@ def causal_conv(x: Array, w: Array, b: Array | None, state: Array | None = None,
     return y.astype(x.dtype), new_state
 
 
+def conv_params(module: nn.Module, width: int, channels: int) -> tuple[Array, Array]:
+    """Depthwise conv1d kernel ``conv_kernel [W, Di]`` and bias ``conv_bias [Di]`` of
+    ``module`` (logical axes ("conv", "mlp")), both with PyTorch's default init
+    U(+-1/sqrt(W)) as in the Mamba reference code."""
+    bound = 1.0 / math.sqrt(width)
+    w = init.param(module, "conv_kernel", init.uniform(bound), (width, channels), ("conv", "mlp"))
+    b = init.param(module, "conv_bias", init.uniform(bound), (channels,), ("mlp",))
+    return w, b
+
+
 class ShortConv(nn.Module):
-    """x [B, T, C] -> (y, new_state); identity-ish init (last tap 1) keeps early training stable."""
+    """x [B, T, D] -> (y, new_state); identity-ish init (last tap 1) keeps early training stable."""
     width: int = 4
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -51,13 +70,10 @@ class ShortConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array, state: Array | None = None,
                  segment_ids: Array | None = None) -> tuple[Array, Array]:
-        c = x.shape[-1]
+        d = x.shape[-1]
 
-        def init(key, shape, dtype):
-            w = nn.initializers.normal(0.02)(key, shape, dtype)
-            return w.at[-1].add(1.0)
-        w = self.param("kernel", nn.with_logical_partitioning(init, ("conv", "embed")),
-                       (self.width, c), self.param_dtype)
-        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                       (c,), self.param_dtype)
+        def near_identity(key, shape, dtype):
+            return init.normal(0.02)(key, shape, dtype).at[-1].add(1.0)
+        w = init.param(self, "kernel", near_identity, (self.width, d), ("conv", "embed"))
+        b = init.param(self, "bias", init.zeros, (d,), ("embed",))
         return causal_conv(x.astype(self.dtype), w, b, state, segment_ids)

@@ -1,10 +1,5 @@
-"""Feed-forward blocks: SwiGLU (Shazeer 2020; Llama sizing) and the GELU MLP (GPT-2).
-
-FFN contract: a frozen config dataclass with ``validate(d_model, path)`` and
-``make(d_model, dtype, param_dtype, name) -> module``; the module is called as
-``module(x [B, T, D], train=bool) -> (y [B, T, D], aux)`` with
-``aux = {"losses": {name: scalar}, "metrics": {name: array}}`` (either key may be
-absent), so dense and MoE FFNs are interchangeable in a block.
+"""Dense feed-forward blocks: SwiGLU (Shazeer 2020; Llama sizing) and the GELU MLP
+(GPT-2), under the FFN contract of ``layers.contracts`` (stateless: no cache, no aux).
 """
 
 from __future__ import annotations
@@ -16,7 +11,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers.contracts import FeedForwardConfig, no_aux, one_of, positive
+from layers.heads import dense
 from layers.typing import Array, DType
+
+ACTIVATIONS = ("swiglu", "gelu")
 
 
 def llama_hidden(d_model: int, multiple_of: int, ffn_dim_multiplier: float = 1.0) -> int:
@@ -25,22 +24,11 @@ def llama_hidden(d_model: int, multiple_of: int, ffn_dim_multiplier: float = 1.0
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def dense(features: int, axes: tuple[str, str], dtype: DType, param_dtype: DType, name: str,
-          use_bias: bool = False, stddev: float | None = None) -> nn.Dense:
-    """A Dense layer with logically partitioned kernel and fan-in-scaled normal init."""
-    init = (nn.initializers.normal(stddev) if stddev is not None
-            else nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"))
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.with_logical_partitioning(init, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-                    name=name)
-
-
 @dataclasses.dataclass(frozen=True)
-class FFNConfig:
+class FFNConfig(FeedForwardConfig):
     """Dense FFN. ``hidden=None`` uses Llama sizing for SwiGLU and 4*D for GELU."""
     kind: ClassVar[str] = "ffn"
-    activation: str = "swiglu"   # "swiglu" | "gelu"
+    activation: str = "swiglu"   # one of ACTIVATIONS
     hidden: int | None = None
     multiple_of: int = 16
     ffn_dim_multiplier: float = 1.0
@@ -54,26 +42,24 @@ class FFNConfig:
         return 4 * d_model
 
     def validate(self, d_model: int, path: str = "ffn") -> None:
-        if self.activation not in ("swiglu", "gelu"):
-            raise ValueError(f"{path}.activation={self.activation!r} is not allowed; choose 'swiglu' or 'gelu'")
-        if self.hidden is not None and self.hidden <= 0:
-            raise ValueError(f"{path}.hidden={self.hidden} must be positive (or None for the default)")
-        if self.multiple_of <= 0:
-            raise ValueError(f"{path}.multiple_of={self.multiple_of} must be positive")
+        one_of(f"{path}.activation", self.activation, ACTIVATIONS)
+        positive(f"{path}.hidden", self.hidden, allow_none=True)
+        positive(f"{path}.multiple_of", self.multiple_of)
 
     def make(self, d_model: int, dtype: DType, param_dtype: DType, name: str | None = None):
         return FFN(self, d_model, dtype, param_dtype, name=name)
 
 
 class FFN(nn.Module):
-    """x [B, T, D] -> (y [B, T, D], {}). SwiGLU: ``W2 (silu(W1 x) * W3 x)``."""
+    """x [B, T, D] -> (y [B, T, D], None, {}). SwiGLU: ``W2 (silu(W1 x) * W3 x)``."""
     cfg: FFNConfig
     d_model: int
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, dict]:
+    def __call__(self, x: Array, *, positions: Array | None = None,
+                 segment_ids: Array | None = None, cache=None, train: bool = False):
         f = self.cfg.hidden_dim(self.d_model)
         mk = lambda feat, axes, name: dense(feat, axes, self.dtype, self.param_dtype, name,
                                             self.cfg.use_bias)
@@ -83,4 +69,4 @@ class FFN(nn.Module):
         else:
             h = jax.nn.gelu(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        return mk(self.d_model, ("mlp", "embed"), "wo")(h), {}
+        return mk(self.d_model, ("mlp", "embed"), "wo")(h), None, no_aux()

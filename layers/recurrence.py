@@ -1,48 +1,58 @@
-"""Linear recurrences: the shared math of SSMs, RetNet, RWKV and linear attention.
+"""Linear recurrences: the shared math of the recurrent mixers (Mamba, Mamba-2, RetNet,
+RWKV-6, linear attention, Performer) and of TransNormer.
 
 Two families of pure functions, each with a parallel form and a plain ``lax.scan``
-reference (STYLE.md #3):
+reference beside it (docs/conventions.md):
 
 * **Diagonal / elementwise** ``h_t = a_t * h_{t-1} + b_t`` (Mamba's selective scan,
   chunk-level state passing): :func:`linear_scan` (``jax.lax.associative_scan`` with
   the operator ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``; optional initial state;
   decays given as ``a`` or as ``log a``) and :func:`linear_scan_ref`. ``a`` broadcasts
   against ``b``, so the same functions serve vector states ``[B, T, Di, N]`` and
-  matrix-valued states ``[B, T, H, Dk, Dv]`` with decays ``[B, T, H, Dk, 1]``.
+  matrix-valued states ``[B, T, H, Dh, Dv]`` with decays ``[B, T, H, Dh, 1]``.
 
 * **Matrix-valued states** (decayed linear attention; "gated linear attention")::
 
-      S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S: [Dk, Dv] per head
+      S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S: [Dh, Dv] per head
       o_t = q_t^T S_t                                  (inclusive: linear attention,
                                                         RetNet, Mamba-2 SSD)
       o_t = q_t^T (S_{t-1} + diag(u) k_t v_t^T)        (exclusive + bonus u: RWKV-6)
 
   with the log-decay ``g_t <= 0`` a scalar per head (``[B, T, H]``), a vector per key
-  channel (``[B, T, H, Dk]``) or absent (no decay). Forms, all equal:
+  channel (``[B, T, H, Dh]``) or absent (no decay). Queries and keys may have fewer
+  heads than values: ``q, k: [B, T, K, Dh]`` serve ``H = K * G`` value heads (value
+  head ``h`` reads q/k head ``h // G``; Mamba-2's B/C heads, like the kv heads of GQA).
+  Forms, all equal (``scan_impl``, one of :data:`MATRIX_IMPLS`):
   :func:`matrix_recurrence_chunked` (intra-chunk masked matmuls + inter-chunk state
   passing; Yang et al. 2024 "GLA" / Dao & Gu 2024 SSD, Sec. 6), ``parallel`` (the
-  same with one chunk: the quadratic "attention" form), :func:`matrix_recurrence_associative`
-  (associative scan over the full ``[B, T, H, Dk, Dv]`` states) and the reference
-  :func:`matrix_recurrence_ref` (``lax.scan``; also the one-token decode step).
+  same with one chunk: the quadratic "attention" form),
+  :func:`matrix_recurrence_associative` (associative scan over the full
+  ``[B, T, H, Dh, Dv]`` states) and the reference :func:`matrix_recurrence_ref`
+  (``lax.scan``; also the one-token decode step).
 
 Numerics: everything accumulates in fp32. Decays are kept in log space; every
 exponent is the sum of the log-decays over a span ``(j, i]`` computed as a cumsum of
 masked entries (never as the difference of two large cumsums, which loses precision),
 masked to ``j <= i`` *before* ``exp``: exponents are ``<= 0`` (no overflow, no
-inf * 0) and exact for extreme decays (``g = -1e4`` or ``-inf``). Queries/keys may be grouped:
-``q, k: [B, T, Hk, Dk]`` serve ``H = Hk * G`` value heads (Mamba-2's ``n_groups``).
+inf * 0) and exact for extreme decays (``g = -1e4`` or ``-inf``).
 
 Packed sequences: ``segment_ids [B, T]`` reset the state at every segment start (the
 state entering a new segment is zero); the initial state ``h0`` belongs to the
 segment of the first token.
+
+Verified (tests/layers/recurrent/test_recurrence.py, CPU): every form equals the
+reference in outputs, final states and gradients (grouped heads, segments, T not a
+multiple of the chunk, initial states, extreme decays, bf16 inputs).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from layers.heads import expand_kv
 from layers.typing import Array
 
 MATRIX_IMPLS = ("chunked", "parallel", "associative", "sequential")
@@ -71,7 +81,7 @@ def linear_scan(a: Array, b: Array, h0: Array | None = None, *, log_space: bool 
 
     Args:
       a: decays, broadcastable to ``b`` (e.g. ``[B, T, H, 1, 1]`` against
-        ``[B, T, H, Dk, Dv]``); with ``log_space=True`` this is ``log a`` (``-inf``
+        ``[B, T, H, Dh, Dv]``); with ``log_space=True`` this is ``log a`` (``-inf``
         allowed: a reset) and products of decays are sums, so they never underflow.
       b: inputs ``[B, T, ...]`` (time along ``axis``).
       h0: initial state, ``b`` without the time axis; zeros when None.
@@ -119,19 +129,14 @@ def segment_resets(segment_ids: Array | None, batch: int, t: int) -> Array:
 # ----------------------------------------------------------------------------------------
 
 def _prepare(q, k, v, log_decay):
-    """fp32 casts, the default (zero) decay, and the head grouping G = H // Hk."""
-    b, t, hk, _ = q.shape
+    """fp32 casts, the default (zero) decay, and G = H // K value heads per q/k head."""
+    b, t, kh, _ = q.shape
     h = v.shape[2]
-    if h % hk:
-        raise ValueError(f"value heads H={h} must be a multiple of query/key heads Hk={hk}")
+    if h % kh:
+        raise ValueError(f"value heads H={h} must be a multiple of the query/key heads K={kh}")
     if log_decay is None:
         log_decay = jnp.zeros((b, t, h), _F32)
-    return q.astype(_F32), k.astype(_F32), v.astype(_F32), log_decay.astype(_F32), h // hk
-
-
-def _expand_heads(x: Array, g: int) -> Array:
-    """[B, T, Hk, Dk] -> [B, T, Hk * g, Dk] (each query/key head serves g value heads)."""
-    return x if g == 1 else jnp.repeat(x, g, axis=2)
+    return q.astype(_F32), k.astype(_F32), v.astype(_F32), log_decay.astype(_F32), h // kh
 
 
 def matrix_recurrence_ref(q: Array, k: Array, v: Array, log_decay: Array | None = None, *,
@@ -140,23 +145,22 @@ def matrix_recurrence_ref(q: Array, k: Array, v: Array, log_decay: Array | None 
     """Sequential reference (``lax.scan`` over T) and the decode step.
 
     Args:
-      q, k: [B, T, Hk, Dk]; v: [B, T, H, Dv] with H a multiple of Hk.
-      log_decay: None, [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel); <= 0.
-      bonus: None for the inclusive form ``o_t = q_t S_t``; ``u [H, Dk]`` for the
+      q, k: [B, T, K, Dh]; v: [B, T, H, Dv] with H a multiple of K.
+      log_decay: None, [B, T, H] (scalar per head) or [B, T, H, Dh] (per key channel); <= 0.
+      bonus: None for the inclusive form ``o_t = q_t S_t``; ``u [H, Dh]`` for the
         exclusive RWKV form ``o_t = q_t (S_{t-1} + diag(u) k_t v_t^T)``.
-      h0: initial state [B, H, Dk, Dv] (zeros when None).
+      h0: initial state [B, H, Dh, Dv] (zeros when None).
       segment_ids: None or [B, T]; the state is reset at segment starts.
     Returns:
-      ``(o [B, T, H, Dv] fp32, S_T [B, H, Dk, Dv] fp32)``.
+      ``(o [B, T, H, Dv] fp32, S_T [B, H, Dh, Dv] fp32)``.
     """
     q, k, v, ld, g = _prepare(q, k, v, log_decay)
-    q, k = _expand_heads(q, g), _expand_heads(k, g)
-    bsz, t, h, dk = q.shape
-    dv = v.shape[-1]
+    q, k = expand_kv(q, g), expand_kv(k, g)
+    bsz, t, h, dh = q.shape
     keep = 1.0 - segment_resets(segment_ids, bsz, t).astype(_F32)
-    s0 = jnp.zeros((bsz, h, dk, dv), _F32) if h0 is None else h0.astype(_F32)
+    s0 = jnp.zeros((bsz, h, dh, v.shape[-1]), _F32) if h0 is None else h0.astype(_F32)
     decay = jnp.exp(ld)
-    decay = decay[..., None, None] if ld.ndim == 3 else decay[..., None]  # [B, T, H, Dk|1, 1]
+    decay = decay[..., None, None] if ld.ndim == 3 else decay[..., None]  # [B, T, H, Dh|1, 1]
 
     def step(s, xs):
         qt, kt, vt, at, kp = xs
@@ -180,10 +184,10 @@ def matrix_recurrence_associative(q: Array, k: Array, v: Array, log_decay: Array
                                   *, bonus: Array | None = None, h0: Array | None = None,
                                   segment_ids: Array | None = None) -> tuple[Array, Array]:
     """Same result as :func:`matrix_recurrence_ref` via :func:`linear_scan` over the
-    materialized states ``[B, T, H, Dk, Dv]`` (memory O(T Dk Dv); for comparison)."""
+    materialized states ``[B, T, H, Dh, Dv]`` (memory O(T Dh Dv); for comparison)."""
     q, k, v, ld, g = _prepare(q, k, v, log_decay)
-    q, k = _expand_heads(q, g), _expand_heads(k, g)
-    bsz, t, h, dk = q.shape
+    q, k = expand_kv(q, g), expand_kv(k, g)
+    bsz, t = q.shape[:2]
     keep = 1.0 - segment_resets(segment_ids, bsz, t).astype(_F32)
     a = jnp.exp(ld) * (keep[..., None, None] if ld.ndim == 4 else keep[..., None])
     a = a[..., None, None] if ld.ndim == 3 else a[..., None]
@@ -198,105 +202,47 @@ def matrix_recurrence_associative(q: Array, k: Array, v: Array, log_decay: Array
     return o, s_last
 
 
-def matrix_recurrence_chunked(q: Array, k: Array, v: Array, log_decay: Array | None = None, *,
-                              bonus: Array | None = None, h0: Array | None = None,
-                              segment_ids: Array | None = None,
-                              chunk: int = 64) -> tuple[Array, Array]:
-    """Chunked form: within a chunk of C tokens a masked ``[C, C]`` "attention" matmul,
-    between chunks the ``[H, Dk, Dv]`` states passed by :func:`linear_scan`.
+# --- the chunked form, in phases. Arrays carry leading dims [B, NC] (NC chunks of C
+# tokens); einsums write them as "..."; i and j index tokens within a chunk.
 
-    With inclusive log-decay cumsum ``G_i`` inside a chunk (``Gq_i = G_i``, or
-    ``G_{i-1}`` in the exclusive form), ``o_i = sum_{j<=i} (q_i . k_j exp(Gq_i - G_j)) v_j
-    + (q_i exp(Gq_i)) S_chunk_start``; the chunk adds ``sum_j (k_j exp(G_C - G_j)) v_j^T``
-    to the state decayed by ``exp(G_C)`` (each ``Gx - Gy`` evaluated as a masked span sum,
-    :func:`_segsum`). Per-channel decays use a ``[C, C, Dk]`` factor (no ``exp(+G)``
-    rescaling of q/k, so no overflow at any decay). T need not be a multiple of
-    ``chunk`` (zero padding: k = v = 0, g = 0 leaves the state unchanged).
-    Arguments and result as :func:`matrix_recurrence_ref`.
-    """
-    decayed = log_decay is not None
-    q, k, v, ld, g = _prepare(q, k, v, log_decay)
-    bsz, t, hk, dk = q.shape
-    h, dv = v.shape[2:]
-    vector = ld.ndim == 4
-    if vector:  # per-channel decays are per value head: expand grouped q/k
-        q, k, hk, g = _expand_heads(q, g), _expand_heads(k, g), h, 1
-    c = max(1, min(chunk, t))
-    n = -(-t // c)
-    pad = n * c - t
-    resets = segment_resets(segment_ids, bsz, t)
-    seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)  # canonical segment index, 0 at t=0
+class _Chunks(NamedTuple):
+    """The inputs split into NC chunks of C tokens."""
+    q: Array          # [B, NC, C, K, Dh]
+    k: Array          # [B, NC, C, K, Dh]
+    v: Array          # [B, NC, C, K, G, Dv]: value heads grouped by their q/k head
+    ld: Array         # [B, NC, C, H] or [B, NC, C, H, Dh] log-decays
+    seg: Array        # [B, NC, C] int32: segment index (0 at t = 0)
+    seg_prev: Array   # [B, NC]: segment of the token before the chunk (0 for the first)
+    seg_last: Array   # [B, NC]: segment of the chunk's last token
+
+
+class _Decays(NamedTuple):
+    """``exp`` of log-decay sums over spans (all exponents <= 0)."""
+    intra: Array      # [B, NC, Ci, Cj, H(, Dh)]: j -> i, zero outside the causal mask
+    to_query: Array   # [B, NC, C, H(, Dh)]: chunk start -> i (i - 1 when exclusive)
+    to_end: Array     # [B, NC, C, H(, Dh)]: j -> chunk end
+    whole: Array      # [B, NC, H(, Dh)]: the whole chunk
+
+
+def _split_chunks(q, k, v, ld, segment_ids, c: int, g: int) -> _Chunks:
+    """Pads T to a multiple of C (k = v = 0 and g = 0: the state is unchanged) and splits."""
+    bsz, t = q.shape[:2]
+    nc = -(-t // c)
+    pad = nc * c - t
+    seg = jnp.cumsum(segment_resets(segment_ids, bsz, t).astype(jnp.int32), axis=1)
     if pad:
         padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         q, k, v, ld = padt(q), padt(k), padt(v), padt(ld)
         seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
-    split = lambda x: x.reshape((bsz, n, c) + x.shape[2:])
+    split = lambda x: x.reshape((bsz, nc, c) + x.shape[2:])
     q, k, v, ld, seg = split(q), split(k), split(v), split(ld), split(seg)
-    # q, k: [B, N, C, Hk, Dk]; v: [B, N, C, H, Dv]; ld: [B, N, C, H(, Dk)]; seg: [B, N, C]
-    vg = v.reshape(v.shape[:3] + (hk, g, dv))             # value heads grouped by q/k head
-    seg_last = seg[:, :, -1]                               # [B, N]
+    v = v.reshape(v.shape[:3] + (v.shape[3] // g, g, v.shape[4]))
     seg_prev = jnp.concatenate([jnp.zeros_like(seg[:, :1, 0]), seg[:, :-1, -1]], axis=1)
-    mask = jnp.tril(jnp.ones((c, c), bool), k=0 if bonus is None else -1)
-    mask = mask & (seg[:, :, :, None] == seg[:, :, None, :])  # [B, N, Ci, Cj]
-    in_last = (seg == seg_last[:, :, None]).astype(_F32)  # [B, N, C]: j in the chunk's last segment
-
-    # Every exponent below is a sum of log-decays (never a difference of cumsums), so it
-    # is <= 0, exact for extreme decays and -inf-safe. Without decays all factors are 1.
-    if decayed:
-        shift_r = jnp.concatenate([jnp.zeros_like(ld[:, :, :1]), ld[:, :, :-1]], axis=2)
-        shift_l = jnp.concatenate([ld[:, :, 1:], jnp.zeros_like(ld[:, :, :1])], axis=2)
-        q_decay = jnp.exp(jnp.cumsum(ld if bonus is None else shift_r, axis=2))  # start -> i (i-1)
-        k_decay = jnp.exp(jnp.flip(jnp.cumsum(jnp.flip(shift_l, 2), axis=2), 2))  # j -> chunk end
-        a_chunk = jnp.exp(jnp.sum(ld, axis=2))             # whole chunk: [B, N, H(, Dk)]
-        maskd = mask.reshape(mask.shape + (1,) * (ld.ndim - 3))
-        decay = jnp.exp(jnp.where(maskd, _segsum(ld, exclusive=bonus is not None), -jnp.inf))
-    if vector:                                             # decay: [B, N, Ci, Cj, H, Dk]
-        scores = jnp.einsum("bnihd,bnjhd,bnijhd->bnhij", q, k, decay)
-        o = jnp.einsum("bnhij,bnjhv->bnihv", scores, v)
-    else:
-        scores = jnp.einsum("bnikd,bnjkd->bnkij", q, k)      # shared by the G heads of a group
-        if decayed:                                        # decay: [B, N, Ci, Cj, H]
-            decay = decay.reshape(decay.shape[:4] + (hk, g))
-            o = jnp.einsum("bnkij,bnijkg,bnjkgv->bnikgv", scores, decay, vg).reshape(v.shape)
-        else:
-            o = jnp.einsum("bnkij,bnjkgv->bnikgv", scores * mask[:, :, None], vg).reshape(v.shape)
-    if bonus is not None:  # diagonal term q_i diag(u) k_i v_i^T
-        qk = jnp.einsum("bnihd,hd,bnihd->bnih", _expand_heads_n(q, g), bonus.astype(_F32),
-                        _expand_heads_n(k, g))
-        o = o + qk[..., None] * v
-
-    # Chunk summaries -> chunk-start states (associative scan over the N chunks).
-    keep_state = (seg_last == seg_prev).astype(_F32)[:, :, None, None, None]  # no reset in chunk
-    if vector:
-        d_state = jnp.einsum("bnjhd,bnjhv->bnhdv", k * k_decay * in_last[..., None, None], v)
-        a_chunk = a_chunk[..., None] * keep_state          # [B, N, H, Dk, 1]
-    else:
-        w_in = in_last[..., None]                          # [B, N, C, 1 or H]
-        if decayed:
-            w_in = (k_decay * w_in).reshape(k_decay.shape[:3] + (hk, g))
-            a_chunk = a_chunk[..., None, None] * keep_state  # [B, N, H, 1, 1]
-        else:
-            w_in = jnp.broadcast_to(w_in[..., None], w_in.shape[:3] + (hk, g))
-            a_chunk = jnp.broadcast_to(keep_state, (bsz, n, h, 1, 1))
-        d_state = jnp.einsum("bnjkd,bnjkg,bnjkgv->bnkgdv", k, w_in, vg).reshape(bsz, n, h, dk, dv)
-    ends, s_last = linear_scan(a_chunk, d_state, h0)     # state after each chunk
-    s0 = jnp.zeros_like(ends[:, :1]) if h0 is None else h0.astype(_F32)[:, None]
-    starts = jnp.concatenate([s0, ends[:, :-1]], axis=1)  # [B, N, H, Dk, Dv]
-
-    gate = (seg == seg_prev[:, :, None]).astype(_F32)     # no reset since the chunk start
-    if vector:
-        o_inter = jnp.einsum("bnihd,bnhdv->bnihv", q * q_decay, starts)
-    else:
-        o_inter = jnp.einsum("bnikd,bnkgdv->bnikgv", q, starts.reshape(bsz, n, hk, g, dk, dv))
-        if decayed:
-            o_inter = o_inter * q_decay.reshape(bsz, n, c, hk, g)[..., None]
-        o_inter = o_inter.reshape(v.shape)
-    o = o + o_inter * gate[..., None, None]
-    return o.reshape(bsz, n * c, h, dv)[:, :t], s_last
+    return _Chunks(q, k, v, ld, seg, seg_prev, seg[:, :, -1])
 
 
 def _segsum(ld: Array, exclusive: bool) -> Array:
-    """``[B, N, C, ...] -> [B, N, Ci, Cj, ...]``: ``sum_{j < s <= i} g_s`` (exclusive:
+    """``[B, NC, C, ...] -> [B, NC, Ci, Cj, ...]``: ``sum_{j < s <= i} g_s`` (exclusive:
     ``j < s < i``) as a masked cumsum, so no two large cumsums are ever subtracted.
     Entries outside j <= i (j < i when exclusive) are meaningless; callers mask them."""
     c = ld.shape[2]
@@ -309,32 +255,126 @@ def _segsum(ld: Array, exclusive: bool) -> Array:
     return out
 
 
-def _expand_heads_n(x: Array, g: int) -> Array:
-    """[B, N, C, Hk, Dk] -> [B, N, C, Hk * g, Dk]."""
-    return x if g == 1 else jnp.repeat(x, g, axis=3)
+def _chunk_decays(ld: Array, mask: Array, exclusive: bool) -> _Decays:
+    """Every exponent is a sum of log-decays (never a difference of cumsums), so it is
+    <= 0, exact for extreme decays and -inf-safe. mask: [B, NC, Ci, Cj]."""
+    zero = jnp.zeros_like(ld[:, :, :1])
+    shift_r = jnp.concatenate([zero, ld[:, :, :-1]], axis=2)       # g_{i-1}
+    shift_l = jnp.concatenate([ld[:, :, 1:], zero], axis=2)        # g_{j+1}
+    to_query = jnp.exp(jnp.cumsum(shift_r if exclusive else ld, axis=2))
+    to_end = jnp.exp(jnp.flip(jnp.cumsum(jnp.flip(shift_l, 2), axis=2), 2))
+    maskd = mask.reshape(mask.shape + (1,) * (ld.ndim - 3))
+    intra = jnp.exp(jnp.where(maskd, _segsum(ld, exclusive), -jnp.inf))
+    return _Decays(intra, to_query, to_end, jnp.exp(jnp.sum(ld, axis=2)))
+
+
+def _intra_chunk(ch: _Chunks, dec: _Decays | None, mask: Array, bonus: Array | None) -> Array:
+    """Within-chunk outputs ``o_i = sum_{j (mask)} (q_i . k_j decay_ij) v_j`` (plus the
+    RWKV bonus term ``q_i diag(u) k_i v_i^T``): [B, NC, C, K, G, Dv]."""
+    kh, g = ch.v.shape[3:5]
+    if ch.ld.ndim == 5:      # per-channel decays (G = 1): the factor sits inside q . k
+        scores = jnp.einsum("...ikd,...jkd,...ijkd->...kij", ch.q, ch.k, dec.intra)
+        o = jnp.einsum("...kij,...jkgv->...ikgv", scores, ch.v)
+    else:                    # q . k shared by the G value heads of a q/k head
+        scores = jnp.einsum("...ikd,...jkd->...kij", ch.q, ch.k)
+        if dec is None:
+            o = jnp.einsum("...kij,...jkgv->...ikgv", scores * mask[:, :, None], ch.v)
+        else:
+            decay = dec.intra.reshape(dec.intra.shape[:4] + (kh, g))
+            o = jnp.einsum("...kij,...ijkg,...jkgv->...ikgv", scores, decay, ch.v)
+    if bonus is not None:
+        u = bonus.astype(_F32).reshape(kh, g, -1)
+        o = o + jnp.einsum("...ikd,kgd,...ikd->...ikg", ch.q, u, ch.k)[..., None] * ch.v
+    return o
+
+
+def _chunk_starts(ch: _Chunks, dec: _Decays | None, h0: Array | None) -> tuple[Array, Array]:
+    """The state entering every chunk, ``[B, NC, H, Dh, Dv]``, and the final state: each
+    chunk's contribution (its keys in its last segment, decayed to the chunk end) and
+    its decay (zero if a segment starts in it) composed by :func:`linear_scan`."""
+    bsz, nc = ch.seg_last.shape
+    kh, g, dv = ch.v.shape[3:]
+    h, dh = kh * g, ch.q.shape[-1]
+    in_last = (ch.seg == ch.seg_last[..., None]).astype(_F32)             # [B, NC, C]
+    keep = (ch.seg_last == ch.seg_prev).astype(_F32)[..., None, None, None]  # [B, NC, 1, 1, 1]
+    if ch.ld.ndim == 5:
+        k_in = ch.k * dec.to_end * in_last[..., None, None]
+        d_state = jnp.einsum("...jkd,...jkgv->...kgdv", k_in, ch.v)
+        a_chunk = dec.whole[..., None] * keep                              # [B, NC, H, Dh, 1]
+    else:
+        if dec is None:
+            w_in = jnp.broadcast_to(in_last[..., None, None], in_last.shape + (kh, g))
+            a_chunk = jnp.broadcast_to(keep, (bsz, nc, h, 1, 1))
+        else:
+            w_in = (dec.to_end * in_last[..., None]).reshape(in_last.shape + (kh, g))
+            a_chunk = dec.whole[..., None, None] * keep                    # [B, NC, H, 1, 1]
+        d_state = jnp.einsum("...jkd,...jkg,...jkgv->...kgdv", ch.k, w_in, ch.v)
+    ends, s_last = linear_scan(a_chunk, d_state.reshape(bsz, nc, h, dh, dv), h0)
+    s0 = jnp.zeros_like(ends[:, :1]) if h0 is None else h0.astype(_F32)[:, None]
+    return jnp.concatenate([s0, ends[:, :-1]], axis=1), s_last
+
+
+def _inter_chunk(ch: _Chunks, dec: _Decays | None, starts: Array) -> Array:
+    """Outputs from the chunk-start states, ``q_i decay(start -> i) S_start``, zero after
+    a segment start inside the chunk: [B, NC, C, K, G, Dv]."""
+    kh, g, dv = ch.v.shape[3:]
+    if ch.ld.ndim == 5:
+        o = jnp.einsum("...ikd,...kdv->...ikv", ch.q * dec.to_query, starts)[..., None, :]
+    else:
+        grouped = starts.reshape(starts.shape[:2] + (kh, g) + starts.shape[3:])
+        o = jnp.einsum("...ikd,...kgdv->...ikgv", ch.q, grouped)
+        if dec is not None:
+            o = o * dec.to_query.reshape(dec.to_query.shape[:3] + (kh, g))[..., None]
+    gate = (ch.seg == ch.seg_prev[..., None]).astype(_F32)   # no reset since the chunk start
+    return o * gate[..., None, None, None]
+
+
+def matrix_recurrence_chunked(q: Array, k: Array, v: Array, log_decay: Array | None = None, *,
+                              bonus: Array | None = None, h0: Array | None = None,
+                              segment_ids: Array | None = None,
+                              chunk: int = 64) -> tuple[Array, Array]:
+    """Chunked form: within a chunk of C tokens a masked ``[C, C]`` "attention" matmul,
+    between chunks the ``[H, Dh, Dv]`` states passed by :func:`linear_scan`.
+
+    With inclusive log-decay cumsum ``L_i`` inside a chunk (``Lq_i = L_i``, or
+    ``L_{i-1}`` in the exclusive form), ``o_i = sum_{j<=i} (q_i . k_j exp(Lq_i - L_j)) v_j
+    + (q_i exp(Lq_i)) S_chunk_start``; the chunk adds ``sum_j (k_j exp(L_C - L_j)) v_j^T``
+    to the state decayed by ``exp(L_C)`` (each ``Lx - Ly`` evaluated as a masked span
+    sum, :func:`_segsum`). Per-channel decays use a ``[C, C, Dh]`` factor (no
+    ``exp(+L)`` rescaling of q/k, so no overflow at any decay). T need not be a
+    multiple of ``chunk``. Arguments and result as :func:`matrix_recurrence_ref`.
+    """
+    decayed = log_decay is not None
+    q, k, v, ld, g = _prepare(q, k, v, log_decay)
+    if ld.ndim == 4:   # per-channel decays are per value head: expand the q/k heads
+        q, k, g = expand_kv(q, g), expand_kv(k, g), 1
+    t = q.shape[1]
+    c = max(1, min(chunk, t))
+    ch = _split_chunks(q, k, v, ld, segment_ids, c, g)
+    mask = jnp.tril(jnp.ones((c, c), bool), k=0 if bonus is None else -1)
+    mask = mask & (ch.seg[:, :, :, None] == ch.seg[:, :, None, :])      # [B, NC, Ci, Cj]
+    dec = _chunk_decays(ch.ld, mask, exclusive=bonus is not None) if decayed else None
+    starts, s_last = _chunk_starts(ch, dec, h0)
+    o = _intra_chunk(ch, dec, mask, bonus) + _inter_chunk(ch, dec, starts)
+    bsz, nc, _, kh, g, dv = o.shape
+    return o.reshape(bsz, nc * c, kh * g, dv)[:, :t], s_last
 
 
 def matrix_recurrence(q: Array, k: Array, v: Array, log_decay: Array | None = None, *,
                       bonus: Array | None = None, h0: Array | None = None,
-                      segment_ids: Array | None = None, impl: str = "chunked",
+                      segment_ids: Array | None = None, scan_impl: str = "chunked",
                       chunk: int = 64) -> tuple[Array, Array]:
-    """Dispatches to one of ``MATRIX_IMPLS`` (all compute the same function):
+    """Dispatches to one of :data:`MATRIX_IMPLS` (all compute the same function):
     ``chunked`` (default), ``parallel`` (one chunk: the quadratic masked form),
     ``associative`` and ``sequential`` (the reference). A single token (decode step)
     always takes the sequential step. Arguments as :func:`matrix_recurrence_ref`."""
     kw = dict(bonus=bonus, h0=h0, segment_ids=segment_ids)
-    if impl not in MATRIX_IMPLS:
-        raise ValueError(f"impl={impl!r} is not allowed; choose one of {list(MATRIX_IMPLS)}")
-    if impl == "sequential" or q.shape[1] == 1:
+    if scan_impl not in MATRIX_IMPLS:
+        raise ValueError(f"scan_impl={scan_impl!r} is not allowed; choose one of "
+                         f"{list(MATRIX_IMPLS)}")
+    if scan_impl == "sequential" or q.shape[1] == 1:
         return matrix_recurrence_ref(q, k, v, log_decay, **kw)
-    if impl == "associative":
+    if scan_impl == "associative":
         return matrix_recurrence_associative(q, k, v, log_decay, **kw)
-    c = q.shape[1] if impl == "parallel" else chunk
+    c = q.shape[1] if scan_impl == "parallel" else chunk
     return matrix_recurrence_chunked(q, k, v, log_decay, chunk=c, **kw)
-
-
-def check_chunk(path: str, chunk: int) -> None:
-    """Chunk lengths must be positive ints (powers of two are fastest)."""
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
-        raise ValueError(f"{path}={chunk!r} must be a positive integer")
-

@@ -1,4 +1,4 @@
-"""`archlab bench NAME`: benchmarks are programs, not tests (STYLE.md #12).
+"""`archlab bench NAME`: benchmarks are programs, not tests (docs/conventions.md #13).
 
 Each module here exposes ``main(argv: list[str]) -> int``; ``BENCHES`` maps the
 CLI name to the module path so a typo lists the valid names.

@@ -1,7 +1,8 @@
-"""``archlab bench attention``: the foundation's measurements (issue: Foundation §7).
+"""``archlab bench attention``: attention memory/time, quickstart throughput, compile time.
 
 1. Compiled peak memory (XLA ``memory_analysis``) and median time of forward+backward
-   for dense vs blockwise attention at T = 1k ... 16k (B=1, H=4, K=2, Dh=64, causal).
+   for dense vs blockwise attention (``layers.attention.blockwise``, the attention
+   layer's ``attn_impl="blockwise"``) at T = 1k ... 16k (B=1, H=4, K=2, Dh=64, causal).
 2. Train-step tokens/s of the quickstart models on this backend.
 3. Compile time of a 4-layer vs a 32-layer llama under ``nn.scan`` (same width).
 
@@ -22,7 +23,7 @@ from experiments.bench.common import (compile_fn, compiled_stats, fmt_bytes, mar
 
 
 def _attn_rows(lengths, repeats, max_time_dense):
-    from layers.blockwise_attention import blockwise_attention
+    from layers.attention.blockwise import blockwise_attention
     from pallas_kernels.attention.reference import reference_attention
 
     rows = []

@@ -1,7 +1,7 @@
 """``archlab bench mixers``: every registered sequence mixer, measured alone.
 
 1. Forward+backward time (median) and XLA's compiled peak memory vs T for each mixer in
-   ``layers.MIXERS`` (one module, ``d_model=128``, B=1, default config per kind from
+   ``layers.registry.MIXERS`` (one module, ``d_model=128``, B=1, default config per kind from
    ``DEFAULTS``; a kind without an entry is built with its dataclass defaults, so new
    mixers join automatically) plus softmax attention ``dense`` and ``blockwise``; and
    the ratio ``time(2T) / time(T)`` (linear-time mixers should be ~2).
@@ -37,17 +37,17 @@ D_MODEL = 128
 
 
 def _defaults():
-    """label -> mixer config at D_MODEL; kinds of ``layers.MIXERS`` missing here use
+    """label -> mixer config at D_MODEL; kinds of ``layers.registry.MIXERS`` missing here use
     their dataclass defaults."""
-    from layers import MIXERS
+    from layers.registry import MIXERS
     from layers.attention import AttentionConfig
 
     known = {
-        "attention:dense": AttentionConfig(n_heads=4, impl="dense"),
-        "attention:blockwise": AttentionConfig(n_heads=4, impl="blockwise", block_q=256, block_k=256),
+        "attention:dense": AttentionConfig(n_heads=4, attn_impl="dense"),
+        "attention:blockwise": AttentionConfig(n_heads=4, attn_impl="blockwise", block_q=256, block_k=256),
         "mamba": MIXERS["mamba"](d_state=16, expand=2) if "mamba" in MIXERS else None,
-        "mamba2": MIXERS["mamba2"](d_state=64, headdim=64) if "mamba2" in MIXERS else None,
-        "rwkv6": MIXERS["rwkv6"](head_size=64, mix_rank=32, decay_rank=64) if "rwkv6" in MIXERS else None,
+        "mamba2": MIXERS["mamba2"](d_state=64, head_dim=64) if "mamba2" in MIXERS else None,
+        "rwkv6": MIXERS["rwkv6"](head_dim=64, mix_rank=32, decay_rank=64) if "rwkv6" in MIXERS else None,
         "retnet": MIXERS["retnet"](n_heads=4) if "retnet" in MIXERS else None,
         "linear_attention": MIXERS["linear_attention"](n_heads=4) if "linear_attention" in MIXERS else None,
         "performer": MIXERS["performer"](n_heads=4) if "performer" in MIXERS else None,
@@ -74,7 +74,7 @@ def _compile_fwdbwd(cfg, t: int) -> tuple:
     module, variables, x, pos = _module_inputs(cfg, t)
 
     def loss(params, x):
-        y, _ = module.apply({**variables, "params": params}, x, positions=pos)
+        y, _, _ = module.apply({**variables, "params": params}, x, positions=pos)
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
     params = variables["params"]
     compiled, ctime = compile_fn(jax.value_and_grad(loss, argnums=(0, 1)), params, x)
@@ -133,15 +133,15 @@ def _fwdbwd_rows(configs: dict, lengths, repeats: int, max_dense: int, budget_s:
 
 
 def _impl_rows(lengths, repeats: int, seq_max: int):
-    from layers.mamba import MambaConfig
-    from layers.mamba2 import Mamba2Config
+    from layers.recurrent.mamba import MambaConfig
+    from layers.recurrent.mamba2 import Mamba2Config
     variants = [
         ("mamba", "associative (one scan over T)", MambaConfig(scan_chunk=0)),
         ("mamba", "chunked along T (C=128)", MambaConfig(scan_chunk=128)),
-        ("mamba", "sequential (lax.scan)", MambaConfig(impl="sequential")),
+        ("mamba", "sequential (lax.scan)", MambaConfig(scan_impl="sequential")),
         ("mamba2", "chunked SSD (C=64)", Mamba2Config()),
-        ("mamba2", "associative", Mamba2Config(impl="associative")),
-        ("mamba2", "sequential (lax.scan)", Mamba2Config(impl="sequential")),
+        ("mamba2", "associative", Mamba2Config(scan_impl="associative")),
+        ("mamba2", "sequential (lax.scan)", Mamba2Config(scan_impl="sequential")),
     ]
     rows = []
     for t in lengths:

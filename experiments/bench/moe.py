@@ -11,8 +11,8 @@ so ``dropless`` (a ``lax.scan``) is undercounted there and ``flops_model`` gives
 analytic matmul FLOPs of each path (6 matmuls per SwiGLU x 3 for fwd+bwd).
 
 Variants of one (E, k) are timed in alternating rounds (median of ``--repeats``), so
-slow drifts of background load affect them alike. Targets (issue 5, CPU): capacity time <= 1.5x dense-active; capacity FLOPs <=
-capacity_factor * 1.05 x dense-active.
+slow drifts of background load affect them alike. Targets (CPU): capacity time <= 1.5x
+dense-active; capacity FLOPs <= capacity_factor * 1.05 x dense-active.
 
   archlab bench moe [--tokens 2048] [--seq 1024] [--d-model 256] [--hidden 512]
                     [--experts 8,64] [--topk 1,2,8] [--paths capacity,dropless,onehot]
@@ -31,7 +31,7 @@ from experiments.bench.common import (compile_fn, compiled_stats, markdown_table
                                       write_results)
 from layers.ffn import FFNConfig
 from layers.moe import MoEConfig
-from layers.moe_dispatch import expert_capacity
+from layers.moe.dispatch import expert_capacity
 
 PATHS = ("capacity", "dropless", "onehot")
 
@@ -42,7 +42,7 @@ def _grad_fn(module, x):
     cot = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
 
     def loss(p, x, cot):  # value_and_grad: like training, the layer output is needed
-        y, aux = module.apply(p, x)
+        y, _, aux = module.apply(p, x)
         return jnp.sum(y * cot) + sum(jnp.sum(v) for v in aux.get("losses", {}).values())
 
     fn = jax.value_and_grad(loss, argnums=(0, 1))
@@ -52,19 +52,19 @@ def _grad_fn(module, x):
 
 def _model_flops(path: str, n: int, seq: int, d: int, f: int, e: int, k: int, cf: float) -> float:
     """Analytic fwd+bwd matmul FLOPs: 3 SwiGLU matmuls of rows x d x f, times 2 (mul-add) x 3."""
-    groups = n // seq
+    n_seqs = n // seq                                      # sequences (capacity is per sequence)
     if path == "dense":
         rows, width = n, k * f
     elif path == "dropless":
         rows, width = n * k, f
     else:
-        rows, width = groups * e * expert_capacity(seq, e, k, cf), f
+        rows, width = n_seqs * e * expert_capacity(seq, e, k, cf), f
     flops = 3 * 2 * rows * d * width * 3
     if path != "dense":
         flops += 2 * n * d * e * 3                           # router
     if path == "onehot":
-        c = expert_capacity(seq, e, k, cf)
-        flops += 2 * 2 * groups * seq * e * c * d * 3        # dispatch + combine einsums
+        cap = expert_capacity(seq, e, k, cf)
+        flops += 2 * 2 * n_seqs * seq * e * cap * d * 3        # dispatch + combine einsums
     return float(flops)
 
 
@@ -115,7 +115,7 @@ def run(args) -> list[dict]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="archlab bench moe", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="tokens per call (B * T)")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length T (routing group)")
+    p.add_argument("--seq", type=int, default=1024, help="sequence length T (capacity is per sequence)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512, help="expert width F")
     p.add_argument("--experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 64])

@@ -8,7 +8,7 @@ One run per (task, position scheme): the same Llama-style model (2 layers, width
 with the position scheme swapped, trained at L = ``TRAIN_LEN`` on passkey retrieval
 (1 needle, 5 digits), induction heads (vocab 16, as in the Mamba paper) and MQAR
 (8 pairs, vocab 256), then evaluated on the same task at L, 2L, 4L and 8L tokens.
-Schemes (issue 4 section 2):
+Schemes:
 
 * ``rope`` (Su et al. 2021); ``nope`` (no position encoding; Kazemnejad et al. 2023);
 * ``alibi`` (Press et al. 2022); ``xpos`` (Sun et al. 2022, gamma = 512);

@@ -7,7 +7,7 @@ Multi-query associative recall (Arora et al. 2023) at sequence lengths 64/128/25
 with 4/8/16 key-value pairs, vocabulary 8192 (Zoology's setting), 2-layer models at
 widths 64/128/256, learning rates {1e-3, 3e-3, 1e-2}; every model uses the width-4
 short convolution before its mixer (the "BASED recipe"). Each (architecture, width,
-length) is one cell (``group``); ``archlab report`` shows the best learning rate per
+length) is one ``cell``; ``archlab report`` shows the best learning rate per
 cell, as Zoology does. New presets join automatically once registered in
 ``archs.PRESETS`` (non-causal ones are left out: they would see the answers).
 Expected: attention solves every cell at width >= 64; fixed-state recurrent mixers
@@ -44,7 +44,7 @@ def get_sweep(smoke: bool = False):
                                      max_len=max(lengths), short_conv=4)
                 for lr in lrs:
                     runs.append(ExperimentConfig(
-                        name=f"{name}-d{width}-L{length}-lr{lr:g}", arch=name, group=f"{name}-d{width}-L{length}",
+                        name=f"{name}-d{width}-L{length}-lr{lr:g}", arch=name, cell=f"{name}-d{width}-L{length}",
                         model=model, task=task, optimizer=OptimizerConfig(lr=lr),
                         schedule=ScheduleConfig(warmup_steps=min(100, steps // 10)),
                         train=TrainConfig(steps=steps, batch_size=8 if smoke else 64, log_every=10 if smoke else 100),

@@ -34,8 +34,8 @@ from experiments.tasks import make_task
 
 # (label, preset, overrides): one representative per family joins here.
 ARCHS = [
-    ("llama-dense", "llama", {"impl": "dense", "short_conv": 4}),
-    ("llama-blockwise", "llama", {"impl": "blockwise", "block_q": 32, "block_k": 32, "short_conv": 4}),
+    ("llama-dense", "llama", {"attn_impl": "dense", "short_conv": 4}),
+    ("llama-blockwise", "llama", {"attn_impl": "blockwise", "block_q": 32, "block_k": 32, "short_conv": 4}),
     ("linear-transformer", "linear_transformer", {"short_conv": 4}),
 ]
 TRAIN_LEN = 128

@@ -1,6 +1,6 @@
 """Dense softmax attention: the fp32 oracle for every attention path.
 
-The mask is *structure*, not an array argument (DESIGN.md): ``causal``,
+The mask is *structure*, not an array argument (docs/design.md): ``causal``,
 ``window``, ``segment_ids`` and the query offset describe which key ``s``
 query ``t`` may see (see :func:`visible`)::
 

@@ -1,13 +1,31 @@
-"""``gmm`` dispatcher and its pure-XLA implementation.
+"""``gmm`` / ``tgmm`` dispatcher and the pure-XLA implementation.
 
-``impl``:
+``impl`` (the same names as the attention dispatcher):
 
-* ``None``: ``"pallas"`` on GPU, ``"xla"`` on CPU and TPU (the Pallas kernel is
-  written for the Triton backend and has not been lowered for TPU; on TPU use
-  ``"xla"`` or ``jax.lax.ragged_dot``).
-* ``"pallas"``: ``pallas.gmm_pallas``; compiled through Triton on GPU, interpret
-  mode on CPU (slow; for tests). Refused on TPU.
+* ``None``: the best for the backend: ``"pallas_tpu"`` on TPU, ``"pallas_gpu"`` on
+  GPU, ``"xla"`` on CPU.
 * ``"xla"``: the tiled scan below, any backend.
+* ``"pallas"``: the current backend's own kernel: ``"pallas_tpu"`` on TPU,
+  ``"pallas_gpu"`` on GPU, and on CPU the Triton kernel in the generic Pallas
+  interpreter (``"pallas_triton"``).
+* ``"pallas_tpu"``: ``pallas_tpu.gmm_tpu`` (Mosaic TPU, group metadata by scalar
+  prefetch); on CPU it runs in TPU interpret mode (``interpret=True`` or a
+  ``pltpu.InterpretParams``, e.g. with ``detect_races=True``); ``interpret=False``
+  on CPU only lowers for TPU.
+* ``"pallas_gpu"``: there is no Mosaic GPU grouped matmul: on GPU this is the
+  Triton kernel, and on CPU the Triton kernel in the generic Pallas interpreter
+  (the same as ``"pallas_triton"``), so a config naming ``"pallas_gpu"`` for all
+  kernels runs in CPU tests.
+* ``"pallas_triton"``: ``pallas_triton.gmm_pallas``, compiled by Triton on GPU,
+  the generic Pallas interpreter on CPU.
+* ``"tokamax"``: ``tokamax.ragged_dot`` (``tokamax.py``), any backend where tokamax
+  is installed (the ``tokamax`` extra); on CPU it runs tokamax's XLA path.
+
+An impl the backend cannot run raises ValueError listing those it can. The
+backend is the abstract mesh's device platform when one is set (a deviceless
+compile for TPU or GPU), else ``jax.default_backend()``; backend detection, the
+impl names and the ``interpret`` checks are shared with the attention dispatcher
+(``pallas_kernels.dispatch``).
 
 The XLA path splits the rows into tiles of ``block_m`` (default: about the mean
 group size, a power of two in [16, 128]) and enumerates the
@@ -25,21 +43,32 @@ saved for autodiff.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul.pallas import GmmConfig, gmm_pallas, tgmm_pallas
-from pallas_kernels.grouped_matmul.reference import local_bounds, tile_group_range
+from pallas_kernels.dispatch import (BEST, IMPLS, OWN, current_backend, tpu_interpret,
+                                     triton_interpret)
+from pallas_kernels.grouped_matmul.pallas_triton import GmmConfig, gmm_pallas, tgmm_pallas
+from pallas_kernels.grouped_matmul.pallas_tpu import (TpuGmmConfig, check_blocks, gmm_tpu,
+                                                      tgmm_tpu)
+from pallas_kernels.grouped_matmul.reference import (grouped_vjp, local_bounds,
+                                                     tile_group_range)
 
 Array = jax.Array
-IMPLS = ("pallas", "xla")
+# what each backend can run (anything else is refused with this list)
+RUNNABLE = {
+    "cpu": ("xla", "pallas", "pallas_tpu", "pallas_gpu", "pallas_triton", "tokamax"),
+    "gpu": ("xla", "pallas", "pallas_gpu", "pallas_triton", "tokamax"),
+    "tpu": ("xla", "pallas", "pallas_tpu", "tokamax"),
+}
 
-# Default tiles (M, K, N) per backend. GPU values are untuned guesses (no GPU was
-# available when this was written); interpret mode favours few, large tiles.
+# Default tiles (M, K, N). Triton/GPU values are untuned guesses (no GPU was
+# available when this was written); interpret mode favours few, large tiles. The
+# TPU defaults are explained in pallas_tpu.py.
 _GPU_TILES = (128, 64, 128)
 _CPU_TILES = (128, 128, 128)
+_TPU_TILES = (TpuGmmConfig.block_m, TpuGmmConfig.block_k, TpuGmmConfig.block_n)
+_TPU_INTERPRET_TILES = (128, 128, 128)
 
 
 def _xla_block_m(m: int, g: int) -> int:
@@ -52,15 +81,41 @@ def _xla_block_m(m: int, g: int) -> int:
     return int(min(128, max(16, 1 << (mean.bit_length() - 1))))
 
 
-def _resolve_impl(impl: str | None, backend: str) -> str:
+def resolve_impl(impl: str | None, backend: str, who: str = "gmm") -> str:
+    """The concrete kernel for ``impl`` on ``backend``: one of "xla", "pallas_tpu",
+    "pallas_triton", "tokamax" ("pallas" and "pallas_gpu" resolved); ValueError if the
+    backend cannot run it."""
+    runnable = RUNNABLE.get(backend, ("xla", "tokamax"))
     if impl is None:
-        return "pallas" if backend == "gpu" else "xla"
-    if impl not in IMPLS:
-        raise ValueError(f"gmm: impl={impl!r} is not one of {(None,) + IMPLS}")
-    if impl == "pallas" and backend not in ("gpu", "cpu"):
-        raise ValueError(f"gmm: impl='pallas' cannot run on backend {backend!r} (Triton "
-                         "kernel; allowed: 'gpu', or 'cpu' in interpret mode); use impl='xla'")
+        impl = BEST.get(backend, "xla")
+    elif impl not in IMPLS:
+        raise ValueError(f"{who}: impl={impl!r} is not one of {(None,) + IMPLS}")
+    elif impl not in runnable:
+        raise ValueError(f"{who}: impl={impl!r} cannot run on backend {backend!r}; "
+                         f"it can run {(None,) + runnable}")
+    if impl == "pallas":
+        impl = OWN.get(backend, "xla")
+    if impl == "pallas_gpu":
+        impl = "pallas_triton"  # no Mosaic GPU grouped matmul: Triton on GPU and on CPU
     return impl
+
+
+def _tpu_config(block_m, block_k, block_n, interpret, backend: str, dtype) -> TpuGmmConfig:
+    interpret = tpu_interpret(interpret, backend, "gmm")  # None: compile with Mosaic
+    tiles = _TPU_INTERPRET_TILES if interpret is not None else _TPU_TILES
+    bm, bk, bn = (d if b is None else b for b, d in zip((block_m, block_k, block_n), tiles))
+    check_blocks(bm, bk, bn, dtype)
+    return TpuGmmConfig(bm, bk, bn, interpret=interpret)
+
+
+def _triton_config(block_m, block_k, block_n, interpret, backend: str) -> GmmConfig:
+    tiles = _GPU_TILES if backend == "gpu" else _CPU_TILES
+    bm, bk, bn = (d if b is None else b for b, d in zip((block_m, block_k, block_n), tiles))
+    interpret = triton_interpret(interpret, backend, "gmm")
+    for name, b in (("block_m", bm), ("block_k", bk), ("block_n", bn)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"gmm: {name}={b} must be a power of two >= 16")
+    return GmmConfig(bm, bk, bn, interpret=bool(interpret))
 
 
 def _validate(lhs, rhs, group_sizes, group_offset) -> None:
@@ -87,7 +142,7 @@ def _validate(lhs, rhs, group_sizes, group_offset) -> None:
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, impl: str | None = None,
         group_offset: Array | int | None = None, block_m: int | None = None,
         block_k: int | None = None, block_n: int | None = None,
-        interpret: bool | None = None) -> Array:
+        interpret=None) -> Array:
     """Grouped matmul over rows sorted by group (the MoE expert matmul).
 
     ``out[m] = lhs[m] @ rhs[g(m)]`` for rows owned by a local group, 0 for other rows
@@ -100,34 +155,35 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, impl: str | None = None,
       lhs: [M, K] rows sorted by group.
       rhs: [G, K, N] one weight matrix per local group.
       group_sizes: [G_all] int rows per global group (G_all == G without offset).
-      impl: None (by backend), "pallas" or "xla" (see the module docstring).
+      impl: None (best for the backend), "xla", "pallas", "pallas_tpu",
+        "pallas_gpu", "pallas_triton" or "tokamax" (see the module docstring).
       group_offset: first global group held by ``rhs``; scalar, may be traced;
         requires ``group_offset + G <= G_all``.
-      block_m, block_k, block_n: tile sizes (powers of two >= 16 for "pallas";
-        block_m alone is used by "xla"); None: per-backend defaults.
-      interpret: force/forbid Pallas interpret mode (None: interpret on CPU only).
+      block_m, block_k, block_n: tile sizes; None: per-backend defaults.
+        "pallas_triton": powers of two >= 16. "pallas_tpu": block_m a multiple of
+        8 (16 for bf16), block_k/block_n multiples of 128 (a dim that fits in one
+        block is taken whole). "xla": block_m alone. "tokamax": ignored.
+      interpret: Pallas interpret mode. None: interpret on CPU only. For
+        "pallas_tpu" a ``pltpu.InterpretParams`` selects the TPU interpreter's
+        options (e.g. ``detect_races=True``).
 
     Returns:
       [M, N] in the result dtype of lhs and rhs (fp32 accumulation).
     """
     _validate(lhs, rhs, group_sizes, group_offset)
-    backend = jax.default_backend()
-    impl = _resolve_impl(impl, backend)
+    backend = current_backend()
+    impl = resolve_impl(impl, backend)
     dtype = jnp.result_type(lhs.dtype, rhs.dtype)
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     if impl == "xla":
         return gmm_xla(lhs, rhs, group_sizes, group_offset=group_offset, block_m=block_m)
-    tiles = _GPU_TILES if backend == "gpu" else _CPU_TILES
-    bm, bk, bn = (d if b is None else b for b, d in zip((block_m, block_k, block_n), tiles))
-    if interpret is None:
-        interpret = backend == "cpu"
-    if backend == "cpu" and not interpret:
-        raise ValueError("gmm: impl='pallas' with interpret=False cannot run on CPU; "
-                         "use interpret=None/True or impl='xla'")
-    for name, b in (("block_m", bm), ("block_k", bk), ("block_n", bn)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"gmm: {name}={b} must be a power of two >= 16")
-    cfg = GmmConfig(bm, bk, bn, interpret=interpret)
+    if impl == "tokamax":
+        from pallas_kernels.grouped_matmul.tokamax import gmm_tokamax  # optional dependency
+        return gmm_tokamax(lhs, rhs, group_sizes, group_offset=group_offset)
+    if impl == "pallas_tpu":
+        cfg = _tpu_config(block_m, block_k, block_n, interpret, backend, dtype)
+        return gmm_tpu(lhs, rhs, group_sizes, group_offset=group_offset, cfg=cfg)
+    cfg = _triton_config(block_m, block_k, block_n, interpret, backend)
     return gmm_pallas(lhs, rhs, group_sizes, group_offset=group_offset, cfg=cfg)
 
 
@@ -151,7 +207,7 @@ def _row_mask(t, g, ok, starts, ends, bm):
     return (ok & (rows >= starts[g]) & (rows < ends[g]))[:, None]  # [bm, 1]
 
 
-def _gmm_scan(lhs, rhs, starts, ends, bm: int, transpose_rhs: bool):
+def _gmm_scan(lhs, rhs, starts, ends, bm: int, transpose_rhs: bool = False):
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     mp = -(-m // bm) * bm
@@ -192,25 +248,7 @@ def _tgmm_scan(lhs, dy, starts, ends, bm: int, out_dtype):
     return acc.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm_xla(lhs, rhs, group_sizes, group_offset, bm):
-    starts, ends = local_bounds(group_sizes, rhs.shape[0], lhs.shape[0], group_offset)
-    return _gmm_scan(lhs, rhs, starts, ends, bm, False)
-
-
-def _gmm_xla_fwd(lhs, rhs, group_sizes, group_offset, bm):
-    starts, ends = local_bounds(group_sizes, rhs.shape[0], lhs.shape[0], group_offset)
-    return _gmm_scan(lhs, rhs, starts, ends, bm, False), (lhs, rhs, starts, ends)
-
-
-def _gmm_xla_bwd(bm, res, dy):
-    lhs, rhs, starts, ends = res
-    dlhs = _gmm_scan(dy.astype(rhs.dtype), rhs, starts, ends, bm, True)
-    drhs = _tgmm_scan(lhs, dy.astype(lhs.dtype), starts, ends, bm, rhs.dtype)
-    return dlhs.astype(lhs.dtype), drhs, None, None
-
-
-_gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
+_gmm_xla = grouped_vjp(_gmm_scan, _tgmm_scan)  # (lhs, rhs, group_sizes, group_offset, bm)
 
 
 def gmm_xla(lhs: Array, rhs: Array, group_sizes: Array, *,
@@ -228,22 +266,29 @@ def gmm_xla(lhs: Array, rhs: Array, group_sizes: Array, *,
 
 def tgmm(lhs: Array, dout: Array, group_sizes: Array, num_groups: int, *,
          group_offset: Array | int | None = None, impl: str | None = None,
-         block_m: int | None = None, interpret: bool | None = None) -> Array:
+         block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
+         interpret=None) -> Array:
     """Transposed grouped matmul ``out[g] = lhs[rows_g]^T @ dout[rows_g]`` -> [G, K, N].
 
     The weight gradient of ``gmm``; exposed for callers that need it directly.
+    Arguments as for ``gmm`` (``num_groups``: G, the local groups).
     """
     if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
         raise ValueError(f"tgmm: lhs must be [M, K] and dout [M, N] with the same M; got "
                          f"{lhs.shape} and {dout.shape}")
-    backend = jax.default_backend()
-    impl = _resolve_impl(impl, backend)
-    tiles = _GPU_TILES if backend == "gpu" else _CPU_TILES
+    backend = current_backend()
+    impl = resolve_impl(impl, backend, "tgmm")
+    dtype = jnp.result_type(lhs.dtype, dout.dtype)
+    lhs, dout = lhs.astype(dtype), dout.astype(dtype)
     if impl == "xla":
         bm = block_m or _xla_block_m(lhs.shape[0], num_groups)
         starts, ends = local_bounds(group_sizes, num_groups, lhs.shape[0], group_offset)
         return _tgmm_scan(lhs, dout, starts, ends, bm, lhs.dtype)
-    bm = block_m or tiles[0]
-    interpret = backend == "cpu" if interpret is None else interpret
-    return tgmm_pallas(lhs, dout, group_sizes, num_groups, group_offset=group_offset,
-                       cfg=GmmConfig(bm, tiles[1], tiles[2], interpret=interpret))
+    if impl == "tokamax":
+        from pallas_kernels.grouped_matmul.tokamax import tgmm_tokamax  # optional dependency
+        return tgmm_tokamax(lhs, dout, group_sizes, num_groups, group_offset=group_offset)
+    if impl == "pallas_tpu":
+        cfg = _tpu_config(block_m, block_k, block_n, interpret, backend, dtype)
+        return tgmm_tpu(lhs, dout, group_sizes, num_groups, group_offset=group_offset, cfg=cfg)
+    cfg = _triton_config(block_m, block_k, block_n, interpret, backend)
+    return tgmm_pallas(lhs, dout, group_sizes, num_groups, group_offset=group_offset, cfg=cfg)

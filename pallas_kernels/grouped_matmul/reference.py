@@ -1,4 +1,8 @@
-"""Grouped matmul (MoE dispatch), the fp32 oracle, and the group bookkeeping.
+"""Grouped matmul (MoE dispatch), the fp32 oracle, and what every implementation shares.
+
+Shared by the XLA scan (``ops.py``) and the kernels (``pallas_triton.py``,
+``pallas_tpu.py``): the group bookkeeping (``local_bounds``, ``tile_group_range``)
+and the custom-VJP wiring (``grouped_vjp``).
 
 ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G_all])`` multiplies each run of
 rows of ``lhs`` by its group's weight matrix. Rows are sorted by group: global
@@ -22,6 +26,9 @@ Group sizes must be non-negative (not checked: they are usually traced).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +64,35 @@ def tile_group_range(starts: Array, ends: Array, block_m: int, tiles_m: int) -> 
     lo = jnp.searchsorted(ends, t0, side="right").astype(jnp.int32)
     hi = jnp.searchsorted(starts, t0 + block_m, side="left").astype(jnp.int32)
     return lo, jnp.maximum(hi, lo)
+
+
+def grouped_vjp(gmm_call: Callable[..., Array], tgmm_call: Callable[..., Array]):
+    """``f(lhs, rhs, group_sizes, group_offset, cfg) -> [M, N]`` with a ``jax.custom_vjp``.
+
+    ``gmm_call(lhs, rhs, starts, ends, cfg, transpose_rhs=False)`` is the grouped
+    matmul on local row ranges (``rhs [G, N, K]`` read transposed when
+    ``transpose_rhs``) and ``tgmm_call(lhs, dy, starts, ends, cfg, out_dtype)`` its
+    transposed form ``-> [G, K, N]``. The VJP is ``d lhs = gmm(d out, rhs^T)`` and
+    ``d rhs = tgmm(lhs, d out)``; ``cfg`` is static, the group arguments get no
+    cotangent.
+    """
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def gmm(lhs, rhs, group_sizes, group_offset, cfg):
+        starts, ends = local_bounds(group_sizes, rhs.shape[0], lhs.shape[0], group_offset)
+        return gmm_call(lhs, rhs, starts, ends, cfg)
+
+    def gmm_fwd(lhs, rhs, group_sizes, group_offset, cfg):
+        starts, ends = local_bounds(group_sizes, rhs.shape[0], lhs.shape[0], group_offset)
+        return gmm_call(lhs, rhs, starts, ends, cfg), (lhs, rhs, starts, ends)
+
+    def gmm_bwd(cfg, res, dy):
+        lhs, rhs, starts, ends = res
+        dlhs = gmm_call(dy.astype(rhs.dtype), rhs, starts, ends, cfg, transpose_rhs=True)
+        drhs = tgmm_call(lhs, dy.astype(lhs.dtype), starts, ends, cfg, rhs.dtype)
+        return dlhs.astype(lhs.dtype), drhs, None, None
+
+    gmm.defvjp(gmm_fwd, gmm_bwd)
+    return gmm
 
 
 def row_groups(group_sizes: Array, num_local: int, m: int,

@@ -1,6 +1,6 @@
-"""Presets of the linear-time family (mamba, mamba2, rwkv6, retnet, linear_transformer,
+"""Presets of the recurrent family (mamba, mamba2, rwkv6, retnet, linear_transformer,
 performer): registered, every size builds, and at size tiny the model's prefill +
-token-by-token decode equals the full forward (STYLE.md #5)."""
+token-by-token decode equals the full forward (docs/conventions.md)."""
 
 import functools
 import math
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import archs
+from layers.recurrent.rwkv6 import RWKV6ChannelMixConfig, RWKV6Config
 from tests.helpers import rel_rms
 
 PRESETS = ["mamba", "mamba2", "rwkv6", "retnet", "linear_transformer", "performer"]
@@ -59,3 +60,14 @@ def test_tiny_prefill_then_decode_equals_forward(name):
     assert aux == {"losses": {}, "metrics": {}}
     assert int(index) == t
     assert rel_rms(decoded, logits) < 1e-5
+
+
+def test_rwkv6_layer_is_one_block_time_mix_then_channel_mix_ffn():
+    """``n_layers`` counts RWKV layers: one block per layer (time mixing as the mixer,
+    channel mixing as the FFN with its one-token cache); the decode state counts both."""
+    cfg = archs.preset("rwkv6", "tiny")
+    (spec,) = cfg.pattern
+    assert isinstance(spec.mixer, RWKV6Config) and isinstance(spec.ffn, RWKV6ChannelMixConfig)
+    d, dh = cfg.d_model, spec.mixer.head_dim
+    per_layer = 4 * (d + (d // dh) * dh * dh) + 4 * d   # fp32: TM shift + wkv state, CM shift
+    assert archs.build(cfg).state_size(16) == cfg.n_layers * per_layer

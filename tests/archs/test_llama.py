@@ -1,4 +1,4 @@
-"""Model-level consistency (STYLE.md #5) on the llama preset: prefill + decode == forward,
+"""Model-level consistency (docs/conventions.md #5) on the llama preset: prefill + decode == forward,
 scanned == unrolled, packed == separate, generate == argmax loop, registry errors."""
 
 import jax
@@ -20,7 +20,7 @@ def _model(**kw):
     return cfg, model, params, tokens
 
 
-@pytest.mark.parametrize("kw", [{}, {"short_conv": 4, "window": 6, "impl": "blockwise", "block_q": 8,
+@pytest.mark.parametrize("kw", [{}, {"short_conv": 4, "window": 6, "attn_impl": "blockwise", "block_q": 8,
                                      "block_k": 8}], ids=["plain", "conv-window-blockwise"])
 def test_prefill_then_decode_equals_forward_at_every_step(kw):
     cfg, model, params, tokens = _model(**kw)

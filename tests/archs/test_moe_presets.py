@@ -1,5 +1,6 @@
-"""MoE presets (archs/moe.py): registry, sizes, prefill + decode == forward, and the
-train-step state protocol of the aux-loss-free bias."""
+"""MoE presets (archs/moe.py): registry, sizes, prefill + decode == forward, the
+train-step state protocol of the aux-loss-free bias, and overrides reaching the right
+component of a hybrid (jamba)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,9 @@ import pytest
 
 import archs
 from archs.model import STATE_COLLECTION
-from layers import FFNS
-from layers.moe import STATE_COLLECTION as MOE_STATE, MoEConfig
+from layers.registry import FFNS
+from layers.moe import STATE_COLLECTION as MOE_STATE
+from layers.moe import MoEConfig
 
 NAMES = ["mixtral", "switch", "deepseek_moe", "qwen_moe", "jamba"]
 B, T, P, MAX = 2, 11, 6, 16  # batch, tokens, prompt (prefill) length, cache length
@@ -77,9 +79,9 @@ def test_prefill_and_decode_match_forward(name):
     assert rel_rms(stepped, full) < 1e-5
     moe_blocks = [i for i, b in enumerate(cfg.pattern) if isinstance(b.ffn, MoEConfig)]
     assert moe_blocks
-    for i in moe_blocks:  # diagnostics stacked per layer group
+    for i in moe_blocks:  # diagnostics stacked over pattern repeats
         load = aux["metrics"][f"moe_load/block_{i}"]
-        assert load.shape == (cfg.n_groups, cfg.pattern[i].ffn.n_routed)
+        assert load.shape == (cfg.n_repeats, cfg.pattern[i].ffn.n_routed)
         np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(aux["metrics"][f"moe_dropped/block_{i}"], 0.0)
 
@@ -101,7 +103,7 @@ def test_train_step_updates_aux_free_bias():
 
     aux, new_state = train_forward(variables, tokens)
     (bias,) = jax.tree.leaves(new_state)  # the scanned block's router_bias [layers, E]
-    assert bias.shape == (cfg.n_groups, moe.n_routed)
+    assert bias.shape == (cfg.n_repeats, moe.n_routed)
     load = np.asarray(aux["metrics"]["moe_load/block_0"])   # [layers, E]
     want = moe.bias_rate * np.sign(load.mean(-1, keepdims=True) - load)
     np.testing.assert_allclose(bias, want, atol=1e-7)
@@ -110,3 +112,18 @@ def test_train_step_updates_aux_free_bias():
     boosted = jax.tree.map(lambda b: b * 1e3, new_state)
     aux2, _ = train_forward({**variables, STATE_COLLECTION: boosted}, tokens)
     assert not np.allclose(aux2["metrics"]["moe_load/block_0"], load)
+
+
+def test_jamba_attention_override_reaches_only_attention():
+    """``attn_impl`` names the attention switch only, so a hybrid takes it: the attention
+    block gets it, the Mamba mixers and the FFNs are untouched, and the model traces."""
+    cfg = archs.preset("jamba", "tiny", attn_impl="blockwise", capacity_factor=2.0)
+    mixers = [b.mixer for b in cfg.pattern]
+    assert [getattr(m, "attn_impl", None) for m in mixers].count("blockwise") == 1
+    assert mixers[4].attn_impl == "blockwise"
+    assert all(b.ffn.capacity_factor == 2.0 for b in cfg.pattern if isinstance(b.ffn, MoEConfig))
+    model = archs.build(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+    logits, _ = jax.eval_shape(model.apply, variables, tokens)
+    assert logits.shape == (1, 8, cfg.vocab_size)

@@ -19,10 +19,10 @@ def _cfg(**kw):
 
 
 def test_overrides_parse_literals_and_walk_nested_tuples():
-    cfg = with_overrides(_cfg(), ["train.steps=7", "optimizer.lr=3e-4", "model.pattern.0.mixer.impl='blockwise'",
+    cfg = with_overrides(_cfg(), ["train.steps=7", "optimizer.lr=3e-4", "model.pattern.0.mixer.attn_impl='blockwise'",
                                   "model.norm=layernorm", "eval.lengths=(32, 64)", "model.pattern.0.mixer.window=None"])
     assert cfg.train.steps == 7 and cfg.optimizer.lr == 3e-4 and cfg.model.norm == "layernorm"
-    assert cfg.model.pattern[0].mixer.impl == "blockwise" and cfg.eval.lengths == (32, 64)
+    assert cfg.model.pattern[0].mixer.attn_impl == "blockwise" and cfg.eval.lengths == (32, 64)
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert with_overrides(_cfg(), ["optimizer.lr=1"]).optimizer.lr == 1.0  # int -> float field
 
@@ -31,7 +31,7 @@ def test_overrides_parse_literals_and_walk_nested_tuples():
     ("train.stepz=3", r"no field 'stepz'; valid fields: \[.*'steps'"),
     ("train.steps='many'", "expected a int"),
     ("train.steps", "expected key=value"),
-    ("model.pattern.3.mixer.impl='dense'", "not an index"),
+    ("model.pattern.3.mixer.attn_impl='dense'", "not an index"),
     ("train.loss_on_all_tokens=1", "expected a bool"),
 ])
 def test_override_errors_name_the_field(text, match):

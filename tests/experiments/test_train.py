@@ -48,7 +48,7 @@ def test_run_writes_config_metrics_checkpoints_and_report(first_run):
     root, cfg, out = first_run
     for name in ("config.json", "metrics.jsonl", "report.md", "accuracy_vs_length.png", "loss.png"):
         assert os.path.isfile(out / name), name
-    assert sorted(os.listdir(out / "checkpoints")) == ["4", "8"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["4", "4.manifest.json", "8", "8.manifest.json"]
     rows = _rows(out)
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
@@ -91,7 +91,8 @@ def test_corrupt_checkpoint_gives_a_clear_error(first_run, capsys):
             with open(os.path.join(dirpath, f), "w") as fh:
                 fh.write("garbage")
     assert main(["run", str(cfg), "--out", str(broken), "--resume", "--no-progress"]) == 2
-    assert "cannot be restored" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint step 8" in err and "is damaged" in err and "step 4" in err, err
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
@@ -105,8 +106,10 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 def test_report_command_compares_runs(first_run):
     root, cfg, out = first_run
-    rep = root / "cmp"
-    assert main(["report", str(out), str(root / "b"), "--out", str(rep)]) == 0
+    rep, other = root / "cmp", root / "copy-for-report"
+    if not other.exists():        # a second run directory, independent of other tests' order
+        shutil.copytree(out, other)
+    assert main(["report", str(out), str(other), "--out", str(rep)]) == 0
     text = (rep / "report.md").read_text()
     assert text.count("| tiny |") == 2
 

@@ -90,13 +90,13 @@ def test_swiglu_matches_formula():
     x = normal(5, (2, 3, 16))
     mod = cfg.make(16, jnp.float32, jnp.float32)
     p = mod.init(jax.random.PRNGKey(0), x)
-    y, aux = mod.apply(p, x)
+    y, cache, aux = mod.apply(p, x)
     w = jax.tree.map(lambda a: a, p["params"])
     wi, wg, wo = (np.asarray(w[n]["kernel"].value) for n in ("wi", "wg", "wo"))
     xn = np.asarray(x, np.float64)
     h = xn @ wi
     ref = ((h / (1 + np.exp(-h))) * (xn @ wg)) @ wo
-    assert rel_rms(y, ref) < 1e-5 and aux == {}
+    assert rel_rms(y, ref) < 1e-5 and cache is None and aux == {}
 
 
 def test_short_conv_matches_explicit_sum_decode_and_segments():

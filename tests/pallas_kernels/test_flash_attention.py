@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import flash_attention, reference_attention
-from pallas_kernels.attention.pallas import flash_attention_pallas
+from pallas_kernels.attention.pallas_triton import flash_attention_pallas
 from tests.helpers import rel_rms
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gmm, gmm_reference, tgmm
-from pallas_kernels.grouped_matmul.pallas import GmmConfig, gmm_pallas
+from pallas_kernels.grouped_matmul.pallas_triton import GmmConfig, gmm_pallas
 from tests.helpers import rel_rms
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
