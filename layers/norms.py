@@ -12,7 +12,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers import initializers as init
 from layers.typing import Array, DType
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in fp32."""
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def standardize(x: Array, eps: float) -> Array:
+    """``(x - mean) / sqrt(var + eps)`` over the last axis, in fp32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    return (xf - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -24,11 +38,8 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (d,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        scale = init.param(self, "scale", init.ones, (d,), ("norm",))
+        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -41,16 +52,10 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (d,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale.astype(jnp.float32)
+        scale = init.param(self, "scale", init.ones, (d,), ("norm",))
+        y = standardize(x, self.eps) * scale.astype(jnp.float32)
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                              (d,), self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+            y = y + init.param(self, "bias", init.zeros, (d,), ("norm",)).astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -69,17 +74,11 @@ class HeadNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         h, dv = x.shape[-2:]
         axes = ("heads", "head_dim")
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes),
-                           (h, dv), self.param_dtype)
-        xf = x.astype(jnp.float32)
+        scale = init.param(self, "scale", init.ones, (h, dv), axes).astype(jnp.float32)
         if self.kind == "rmsnorm":
-            return xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps) * scale
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                          (h, dv), self.param_dtype)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            return rms_normalize(x, self.eps) * scale
+        bias = init.param(self, "bias", init.zeros, (h, dv), axes)
+        return standardize(x, self.eps) * scale + bias.astype(jnp.float32)
 
 
 def gated_rms_norm(y: Array, z: Array, scale: Array, n_norm_groups: int, eps: float) -> Array:
@@ -87,8 +86,7 @@ def gated_rms_norm(y: Array, z: Array, scale: Array, n_norm_groups: int, eps: fl
     Sec. 7.1). y, z: [..., F]; scale: [F]."""
     h = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     hg = h.reshape(h.shape[:-1] + (n_norm_groups, -1))
-    hg = hg * jax.lax.rsqrt(jnp.mean(hg * hg, axis=-1, keepdims=True) + eps)
-    return hg.reshape(h.shape) * scale.astype(jnp.float32)
+    return rms_normalize(hg, eps).reshape(h.shape) * scale.astype(jnp.float32)
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}

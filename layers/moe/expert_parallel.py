@@ -85,3 +85,37 @@ def expert_parallel_run(x: Array, slot_token: Array, slot_weight: Array, w: dict
     fn = jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, {k: expert for k in w}),
                        out_specs=batch)
     return fn(x, slot_token, slot_weight, w)
+
+
+def batch_mesh(n_sequences: int):
+    """The ambient mesh if it has more than one device and its batch axes divide the
+    ``n_sequences`` sequences of a call, else None (see :func:`batch_sharded_dropless`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return None
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+    return mesh if n_sequences % shards == 0 else None
+
+
+def batch_sharded_dropless(fn, x: Array, experts: Array, weights: Array, w: dict, mesh) -> Array:
+    """Runs the dropless path ``fn(x [M, D], experts [M, k], weights [M, k], w) -> [M, D]``
+    on each device's shard of the batch inside ``shard_map``.
+
+    Dropless routing treats every token independently, so per-shard results equal the
+    global computation exactly. The grouped-matmul kernels are custom calls that GSPMD
+    cannot partition (a Mosaic kernel under a sharded ``jit`` fails to compile), so the
+    sort + grouped matmuls run per shard; the expert weights enter replicated (``P()``:
+    FSDP/tensor-sharded weights are all-gathered, as FSDP does for any layer).
+    x: [B, T, D]; experts, weights: [B, T, k] -> [B, T, D].
+    """
+    batch = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+
+    def body(x, e, wt, w_full):
+        b, t, d = x.shape
+        y = fn(x.reshape(b * t, d), e.reshape(b * t, -1), wt.reshape(b * t, -1), w_full)
+        return y.reshape(b, t, d)
+
+    # check_vma=False: the kernels' scans start from replicated constants and Pallas calls
+    # do not track varying-manual-axes types; every value here is per-shard by construction.
+    return jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, {k: PartitionSpec() for k in w}),
+                         out_specs=batch, check_vma=False)(x, experts, weights, w)

@@ -55,6 +55,7 @@ the experts each token selects (``k_active``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -69,7 +70,8 @@ from layers.moe import routers as R
 from layers.moe.dispatch import (PRIORITIES, Plan, capacity_plan, combine_from_assignments,
                                  combine_from_plan, dense_moe, dropless_moe, expert_capacity,
                                  expert_choice_plan, onehot_moe, run_plan)
-from layers.moe.expert_parallel import expert_mesh, expert_parallel_run
+from layers.moe.expert_parallel import (batch_mesh, batch_sharded_dropless, expert_mesh,
+                                        expert_parallel_run)
 from layers.typing import Array, DType
 
 STATE_COLLECTION = "state"  # == archs.model.STATE_COLLECTION (layers cannot import archs)
@@ -371,8 +373,11 @@ class MoE(nn.Module):
             return onehot_moe(x, r.experts, r.weights, w, cap, cfg.priority, r.valid)
         mesh = expert_mesh(b, e) if cfg.expert_parallel else None
         if cfg.dispatch == "dropless" and mesh is None:
-            y = dropless_moe(x.reshape(b * t, d), r.experts.reshape(b * t, -1),
-                             r.weights.reshape(b * t, -1), w, cfg.gmm_impl)
+            fn = functools.partial(dropless_moe, gmm_impl=cfg.gmm_impl)
+            shards = batch_mesh(b)
+            if shards is not None:   # grouped-matmul kernels cannot be partitioned by GSPMD
+                return batch_sharded_dropless(fn, x, r.experts, r.weights, w, shards), r.selected
+            y = fn(x.reshape(b * t, d), r.experts.reshape(b * t, -1), r.weights.reshape(b * t, -1), w)
             return y.reshape(b, t, d), r.selected
         # capacity buffers; dropless under expert parallelism uses Cap = T (never drops)
         plan = r.plan if r.plan is not None else self._token_plan(
