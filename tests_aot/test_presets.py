@@ -38,7 +38,12 @@ def test_preset_tiny_train_step_compiles(compile_target, name, spec):
 @pytest.mark.parametrize("name,mesh,need", [
     ("llama", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), {"all-gather"}),
     ("mixtral", ("mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"), {"all-gather", "all-to-all"}),
-])
+    # Pallas kernels cannot be partitioned by GSPMD: the layers run them per batch/head shard
+    # in shard_map (attention: the backend's own flash kernel; MoE: dropless grouped matmul)
+    ("llama", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+               "model.pattern.0.mixer.attn_impl='pallas'"), {"all-gather"}),
+    ("mixtral", ("mesh.data=4", "mesh.fsdp=2"), {"all-gather"}),
+], ids=["llama", "mixtral-ep", "llama-flash-kernel", "mixtral-dropless-fsdp"])
 def test_sharded_train_and_decode_compile(compile_target, spec, name, mesh, need):
     target, devices = compile_target(spec)
     cfg = _tiny(name, 8, *mesh)

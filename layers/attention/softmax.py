@@ -40,6 +40,7 @@ from layers.attention.blockwise import blockwise_attention
 from layers.contracts import MixerConfig, nbytes, no_aux, one_of, positive
 from layers.heads import HeadsConfig, project_heads, project_out
 from layers.positions import RopeConfig, alibi_slopes, apply_rope, apply_xpos
+from layers.sharding import batch_mesh, shard_attention
 from layers.typing import Array, DType
 from pallas_kernels.attention.ops import IMPLS as DISPATCH_IMPLS
 from pallas_kernels.attention.ops import flash_attention
@@ -92,6 +93,7 @@ class AttentionBase(MixerConfig, HeadsConfig):
     block_k: int = 128
     query_chunk: int | None = 1
     qkv_bias: bool = False
+    o_bias: bool = False                 # bias on the output projection
     positions_allowed: ClassVar[tuple[str, ...]] = POSITION_SCHEMES
 
     def validate(self, d_model: int, path: str = "mixer") -> None:
@@ -155,8 +157,12 @@ class AttentionConfig(AttentionBase):
             if slopes is not None:
                 raise ValueError(f"attention.attn_impl={self.attn_impl!r} does not support "
                                  "position='alibi'; use attn_impl='blockwise' or 'dense'")
-            return flash_attention(q, k, v, causal=self.causal, window=self.window,
-                                   segment_ids=segment_ids, impl=self.attn_impl)
+            kernel = lambda q, k, v, seg: flash_attention(
+                q, k, v, causal=self.causal, window=self.window, segment_ids=seg, impl=self.attn_impl)
+            mesh = batch_mesh(q.shape[0])   # kernels cannot be partitioned by GSPMD
+            if mesh is not None:
+                return shard_attention(kernel, q, k, v, segment_ids, mesh)
+            return kernel(q, k, v, segment_ids)
         return reference_attention(q, k, v, causal=self.causal, window=self.window,
                                    segment_ids=segment_ids, alibi_slopes=slopes)
 
@@ -190,4 +196,4 @@ class Attention(nn.Module):
         else:
             out, new_cache = cfg.decode(q, k, v, cache, slopes)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return project_out(self, out, self.d_model), new_cache, no_aux()
+        return project_out(self, out, self.d_model, bias=cfg.o_bias), new_cache, no_aux()

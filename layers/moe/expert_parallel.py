@@ -16,8 +16,8 @@ so results equal the single-device capacity path exactly. A ``data`` axis compos
 the all-to-all runs within each ``expert`` row of the mesh, and the gradients of the
 (replicated over ``data``) expert weights are summed by ``shard_map``'s transpose.
 
-This module is the one place in model code that names mesh axes: ``shard_map`` needs
-them. It activates when the ambient mesh (``jax.set_mesh``) has an ``expert`` axis of
+Besides ``layers/sharding.py`` this module is the one place in model code that names mesh
+axes: ``shard_map`` needs them. It activates when the ambient mesh (``jax.set_mesh``) has an ``expert`` axis of
 size > 1 and the batch shards divide the number of sequences; otherwise the caller
 runs the single-device path (same result). Buffers have fixed capacity (a dropless
 ``ragged_all_to_all`` exchange is not implemented): the ``dropless`` dispatch uses
@@ -32,10 +32,10 @@ import jax
 from jax.sharding import PartitionSpec
 
 from layers.moe.dispatch import expert_swiglu, run_plan
+from layers.sharding import BATCH_AXES, batch_spec
 from layers.typing import Array
 
 EXPERT_AXIS = "expert"
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def expert_mesh(n_sequences: int, n_experts: int):
@@ -71,7 +71,7 @@ def expert_parallel_run(x: Array, slot_token: Array, slot_weight: Array, w: dict
     Returns:
       [B, T, D], equal to the single-device ``run_plan``.
     """
-    batch = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+    batch = batch_spec(mesh)
     expert = PartitionSpec(EXPERT_AXIS)
 
     def exchange(buf: Array, w_local: dict) -> Array:  # [E, b*Cap, D] -> [E, b*Cap, D]
@@ -87,16 +87,6 @@ def expert_parallel_run(x: Array, slot_token: Array, slot_weight: Array, w: dict
     return fn(x, slot_token, slot_weight, w)
 
 
-def batch_mesh(n_sequences: int):
-    """The ambient mesh if it has more than one device and its batch axes divide the
-    ``n_sequences`` sequences of a call, else None (see :func:`batch_sharded_dropless`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
-        return None
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
-    return mesh if n_sequences % shards == 0 else None
-
-
 def batch_sharded_dropless(fn, x: Array, experts: Array, weights: Array, w: dict, mesh) -> Array:
     """Runs the dropless path ``fn(x [M, D], experts [M, k], weights [M, k], w) -> [M, D]``
     on each device's shard of the batch inside ``shard_map``.
@@ -108,7 +98,7 @@ def batch_sharded_dropless(fn, x: Array, experts: Array, weights: Array, w: dict
     FSDP/tensor-sharded weights are all-gathered, as FSDP does for any layer).
     x: [B, T, D]; experts, weights: [B, T, k] -> [B, T, D].
     """
-    batch = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+    batch = batch_spec(mesh)
 
     def body(x, e, wt, w_full):
         b, t, d = x.shape

@@ -70,8 +70,8 @@ from layers.moe import routers as R
 from layers.moe.dispatch import (PRIORITIES, Plan, capacity_plan, combine_from_assignments,
                                  combine_from_plan, dense_moe, dropless_moe, expert_capacity,
                                  expert_choice_plan, onehot_moe, run_plan)
-from layers.moe.expert_parallel import (batch_mesh, batch_sharded_dropless, expert_mesh,
-                                        expert_parallel_run)
+from layers.moe.expert_parallel import batch_sharded_dropless, expert_mesh, expert_parallel_run
+from layers.sharding import batch_mesh
 from layers.typing import Array, DType
 
 STATE_COLLECTION = "state"  # == archs.model.STATE_COLLECTION (layers cannot import archs)

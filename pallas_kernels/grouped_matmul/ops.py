@@ -65,7 +65,11 @@ RUNNABLE = {
 # Default tiles (M, K, N). Triton/GPU values are untuned guesses (no GPU was
 # available when this was written); interpret mode favours few, large tiles. The
 # TPU defaults are explained in pallas_tpu.py.
+# 4-byte inputs get half-size GPU tiles: at (128, 64, 128) with 3 pipeline stages the fp32
+# kernels ask for up to 288 KiB of shared memory, over the H100's 227 KiB (found by a
+# deviceless H100 compile of the fp32 Mixtral-tiny train step).
 _GPU_TILES = (128, 64, 128)
+_GPU_TILES_32BIT = (64, 32, 64)
 _CPU_TILES = (128, 128, 128)
 _TPU_TILES = (TpuGmmConfig.block_m, TpuGmmConfig.block_k, TpuGmmConfig.block_n)
 _TPU_INTERPRET_TILES = (128, 128, 128)
@@ -108,8 +112,11 @@ def _tpu_config(block_m, block_k, block_n, interpret, backend: str, dtype) -> Tp
     return TpuGmmConfig(bm, bk, bn, interpret=interpret)
 
 
-def _triton_config(block_m, block_k, block_n, interpret, backend: str) -> GmmConfig:
-    tiles = _GPU_TILES if backend == "gpu" else _CPU_TILES
+def _triton_config(block_m, block_k, block_n, interpret, backend: str, dtype) -> GmmConfig:
+    if backend == "gpu":
+        tiles = _GPU_TILES_32BIT if jnp.dtype(dtype).itemsize >= 4 else _GPU_TILES
+    else:
+        tiles = _CPU_TILES
     bm, bk, bn = (d if b is None else b for b, d in zip((block_m, block_k, block_n), tiles))
     interpret = triton_interpret(interpret, backend, "gmm")
     for name, b in (("block_m", bm), ("block_k", bk), ("block_n", bn)):
@@ -183,7 +190,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, impl: str | None = None,
     if impl == "pallas_tpu":
         cfg = _tpu_config(block_m, block_k, block_n, interpret, backend, dtype)
         return gmm_tpu(lhs, rhs, group_sizes, group_offset=group_offset, cfg=cfg)
-    cfg = _triton_config(block_m, block_k, block_n, interpret, backend)
+    cfg = _triton_config(block_m, block_k, block_n, interpret, backend, dtype)
     return gmm_pallas(lhs, rhs, group_sizes, group_offset=group_offset, cfg=cfg)
 
 
@@ -290,5 +297,5 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, num_groups: int, *,
     if impl == "pallas_tpu":
         cfg = _tpu_config(block_m, block_k, block_n, interpret, backend, dtype)
         return tgmm_tpu(lhs, dout, group_sizes, num_groups, group_offset=group_offset, cfg=cfg)
-    cfg = _triton_config(block_m, block_k, block_n, interpret, backend)
+    cfg = _triton_config(block_m, block_k, block_n, interpret, backend, dtype)
     return tgmm_pallas(lhs, dout, group_sizes, num_groups, group_offset=group_offset, cfg=cfg)
