@@ -1,6 +1,6 @@
 """Deviceless compile of the Mosaic GPU flash attention for H100 (sm_90a).
 
-Compiles the forward and the forward+backward at the issue's shape (B=1,
+Compiles the forward and the forward+backward at the H100 goal shape (B=1,
 T=8192, H=32 over K=8 kv heads, Dh=128, bf16, causal) for a compile-only H100,
 and reads back each kernel's shared-memory footprint as computed by the Mosaic
 GPU lowering (which refuses kernels over the 227 KiB per-block limit).
