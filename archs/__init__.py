@@ -16,14 +16,15 @@ from typing import Callable
 from archs.config import BlockSpec, ModelConfig, override
 from archs.generate import generate
 from archs.model import LM, DecodeCache
+from archs.hf import from_hf, to_hf  # noqa: E402  (HF checkpoints: README "Loading published checkpoints")
 
 # One module per family, each with its PRESETS: name -> (builder(size) -> ModelConfig, sizes).
-from archs import (efficient_attention, linear, llama, memory_attention, moe, retnet,  # noqa: E402
-                   rwkv, sparse_attention, ssm)
+from archs import (deepseek, efficient_attention, linear, llama, memory_attention, moe,  # noqa: E402
+                   retnet, rwkv, sparse_attention, ssm)
 
 PRESETS: dict[str, tuple[Callable[..., ModelConfig], tuple[str, ...]]] = {}
 for _family in (llama, ssm, rwkv, retnet, linear, sparse_attention, memory_attention,
-                efficient_attention, moe):
+                efficient_attention, moe, deepseek):
     _clash = set(PRESETS) & set(_family.PRESETS)
     if _clash:
         raise ImportError(f"preset name(s) {sorted(_clash)} registered twice ({_family.__name__})")
@@ -61,5 +62,5 @@ def build(config: ModelConfig) -> LM:
     return LM(config)
 
 
-__all__ = ["BlockSpec", "DecodeCache", "ModelConfig", "PRESETS", "build", "generate", "names",
-           "override", "preset", "sizes"]
+__all__ = ["BlockSpec", "DecodeCache", "ModelConfig", "PRESETS", "build", "from_hf", "generate",
+           "names", "override", "preset", "sizes", "to_hf"]

@@ -29,6 +29,9 @@ from layers.norms import NORMS
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+# The tied head's logit scale: "none" (h @ E^T, the published models) or "rsqrt_d"
+# (h @ E^T / sqrt(D), logits O(1) with the unit-variance table init).
+TIED_HEAD_SCALES = ("none", "rsqrt_d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,8 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    tied_head_scale: str = "none"  # one of TIED_HEAD_SCALES: "none" = h @ E^T (Llama-3, Mamba)
+    embed_norm: bool = False       # a norm right after the embedding (RWKV's ln0)
     scan_layers: bool = True
     remat: str = "none"          # one of REMAT_POLICIES
     dtype: str = "float32"       # compute dtype
@@ -83,6 +88,7 @@ class ModelConfig:
         in_range(f"{path}.norm_eps", self.norm_eps, 0.0, lo_open=True)
         one_of(f"{path}.norm", self.norm, sorted(NORMS))
         one_of(f"{path}.remat", self.remat, REMAT_POLICIES)
+        one_of(f"{path}.tied_head_scale", self.tied_head_scale, TIED_HEAD_SCALES)
         one_of(f"{path}.dtype", self.dtype, DTYPES)
         one_of(f"{path}.param_dtype", self.param_dtype, DTYPES)
         if not self.pattern:

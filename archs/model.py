@@ -131,7 +131,13 @@ class LM(nn.Module):
     def setup(self):
         cfg = self.cfg
         dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, dt, pdt)
+        # An unscaled tied head gets a D^-1/2 table so logits start O(1) either way.
+        unscaled_tied = cfg.tie_embeddings and cfg.tied_head_scale == "none"
+        scale = cfg.d_model ** -0.5 if cfg.tied_head_scale == "rsqrt_d" else 1.0
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, dt, pdt, head_scale=scale,
+                               init_std=cfg.d_model ** -0.5 if unscaled_tied else 1.0)
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg.norm, cfg.norm_eps, dt, pdt)
         repeat = Repeat
         if cfg.remat != "none":
             repeat = nn.remat(Repeat, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
@@ -168,6 +174,8 @@ class LM(nn.Module):
                 start = 0 if cache is None else cache.index
                 positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         layer_cache = None if cache is None else cache.layers
         if cfg.scan_layers:

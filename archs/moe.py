@@ -15,8 +15,9 @@
   WITHOUT renormalization, a shared expert (4 fine experts wide) behind a sigmoid gate,
   load-balancing loss 1e-3.
 * ``jamba`` (Lieber et al. 2024): Jamba blocks of 8 layers, Mamba mixers
-  (layers/recurrent/mamba.py) with one attention layer (a:m = 1:7, attention at index 4
-  of the block, no positional encoding); the FFN is a MoE (16 experts, top-2, dropless,
+  (layers/recurrent/mamba.py, with Jamba's RMS norms on Delta/B/C after ``x_proj``) with
+  one attention layer (a:m = 1:7, attention at index 4 of the block, no positional
+  encoding); the FFN is a MoE (16 experts, top-2 softmax NOT renormalized, dropless,
   aux loss 1e-3) every other layer (e = 2) and a dense SwiGLU otherwise. Scaled down:
   8 experts of width ``expert_hidden / 2``, and one 8-layer Jamba block in both sizes
   (so ``tiny`` has 8 layers).
@@ -102,9 +103,10 @@ def jamba(size: str = "small") -> ModelConfig:
     s = SIZES[size]
     attn = AttentionConfig(n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, position="none")
     moe = MoEConfig(n_experts=8, top_k=2, hidden=s.expert_hidden // 2, dispatch="dropless",
-                    load_balance_coef=1e-3)
+                    renormalize=False, load_balance_coef=1e-3)
     ffn = FFNConfig(activation="swiglu", multiple_of=16)
-    pattern = tuple(BlockSpec(mixer=attn if i == 4 else MambaConfig(),
+    mamba = MambaConfig(dt_bc_norm=True)
+    pattern = tuple(BlockSpec(mixer=attn if i == 4 else mamba,
                               ffn=moe if i % 2 else ffn) for i in range(8))
     return ModelConfig(name="jamba", vocab_size=s.vocab_size, d_model=s.d_model, n_layers=8,
                        pattern=pattern, norm="rmsnorm", norm_eps=1e-6, tie_embeddings=True,

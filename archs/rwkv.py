@@ -2,7 +2,7 @@
 ``x + CM(LN2(x))`` -- one block per RWKV layer, time mixing as the mixer and channel
 mixing as the FFN (``layers/recurrent/rwkv6.py``; channel mixing keeps a one-token
 decode cache through the FFN contract). ``n_layers`` counts RWKV layers. The reference
-model's extra LayerNorm after the embedding (``ln0``) is not used.
+model's extra LayerNorm after the embedding (``ln0``) is ``ModelConfig.embed_norm``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def rwkv6(size: str = "small") -> ModelConfig:
     return ModelConfig(name="rwkv6", vocab_size=s.vocab_size, d_model=s.d_model,
                        n_layers=s.n_layers,
                        pattern=(BlockSpec(mixer=tm, ffn=RWKV6ChannelMixConfig()),),
-                       norm="layernorm", max_len=s.max_len)
+                       norm="layernorm", embed_norm=True, max_len=s.max_len)
 
 
 PRESETS = {"rwkv6": (rwkv6, tuple(SIZES))}

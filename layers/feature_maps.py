@@ -36,6 +36,20 @@ def elu_feature_map(x: Array) -> Array:
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
+def relu_feature_map(x: Array) -> Array:
+    """phi(x) = relu(x) >= 0 (fla's "relu" map), in fp32."""
+    return jax.nn.relu(x.astype(jnp.float32))
+
+
+def identity_feature_map(x: Array) -> Array:
+    """phi(x) = x (unnormalized linear attention; signed, so no normalizer), in fp32."""
+    return x.astype(jnp.float32)
+
+
+# Deterministic maps selectable by name (``LinearAttentionConfig.feature_map``).
+FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map, "identity": identity_feature_map}
+
+
 def orthogonal_gaussian(key: Array, n_features: int, dim: int, orthogonal: bool = True) -> Array:
     """``[N, Dh]`` projection: stacked blocks of ``Dh`` orthonormal rows (QR of Gaussian
     matrices, sign-corrected to Haar), rows rescaled by independent chi(Dh) norms so

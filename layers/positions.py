@@ -3,14 +3,25 @@ context extension, xPos (Sun et al. 2022) and ALiBi (Press et al. 2022).
 
 RoPE rotates channel pairs ``(i, i + Dh/2)`` of q and k by ``pos * theta_i`` with
 ``theta_i = base^(-2i/Dh)``, so the score ``<R(m) q, R(n) k>`` depends on ``m - n``
-only. Context extension (all three change only the frequencies/scale):
+only. Context extension (HF transformers' ``rope_type`` semantics; only the frequencies/scale change):
 
 * ``linear`` position interpolation (Chen et al. 2023): ``pos / factor``.
-* ``ntk`` NTK-aware scaling (bloc97 2023): ``base' = base * factor^(Dh / (Dh - 2))``.
-* ``yarn`` (Peng et al. 2023, eq. 17-22): frequencies with wavelength ratio
-  ``r_i = original_max_len / lambda_i`` below ``beta_slow`` are interpolated by
-  ``factor``, above ``beta_fast`` kept, linearly ramped between; q and k are both
-  scaled by ``0.1 ln(factor) + 1`` (the paper's sqrt(1/t)).
+* ``ntk`` static NTK-aware scaling (bloc97 2023): ``base' = base * factor^(Dh / (Dh - 2))``.
+* ``dynamic`` NTK (HF's ``dynamic``): per call, with ``L = max(max(positions) + 1,
+  original_max_len)``, ``base' = base * (factor L / original_max_len - (factor - 1))^(Dh / (Dh - 2))``.
+  Length-dependent: a cached decode rotates each new token with its own length's base while
+  cached keys keep theirs, exactly like HF's cached generation.
+* ``yarn`` (Peng et al. 2023; the reference code and HF): correction dims
+  ``d(r) = Dh ln(original_max_len / (2 pi r)) / (2 ln base)``, ``low = floor(d(beta_fast))``,
+  ``high = ceil(d(beta_slow))`` clamped to ``[0, Dh - 1]``; ramp ``clip((i - low) / (high - low))``
+  over the pair index i; ``inv' = inv / factor * ramp + inv * (1 - ramp)``; q and k are both scaled
+  by ``attention_factor`` (default ``0.1 ln(factor) + 1``).
+* ``llama3`` (Llama-3.1): wavelengths above ``original_max_len / low_freq_factor`` are divided by
+  ``factor``, below ``original_max_len / high_freq_factor`` kept, smoothly interpolated between;
+  no attention scale.
+
+``fraction`` < 1 is partial rotary: only the first ``round(fraction * Dh)`` channels of each head
+are rotated (in rotate-half layout among themselves), the rest pass through.
 
 xPos multiplies the RoPE-rotated channel pair ``i`` of q by ``zeta_i^(n / gamma)`` and of
 k by ``zeta_i^(-m / gamma)`` with ``zeta_i = (i / (Dh/2) + 0.4) / 1.4`` and ``gamma =
@@ -31,7 +42,7 @@ import jax.numpy as jnp
 
 from layers.typing import Array
 
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +51,13 @@ class RopeConfig:
     base: float = 10000.0
     scaling: str = "none"          # one of ROPE_SCALINGS
     factor: float = 1.0            # context extension factor s
-    original_max_len: int = 2048   # YaRN: training context of the unscaled model
+    original_max_len: int = 2048   # yarn/llama3/dynamic: training context of the unscaled model
     beta_fast: float = 32.0        # YaRN ramp ends
     beta_slow: float = 1.0
+    attention_factor: float | None = None  # YaRN q/k scale; None: 0.1 ln(factor) + 1
+    low_freq_factor: float = 1.0   # llama3 band edges
+    high_freq_factor: float = 4.0
+    fraction: float = 1.0          # partial rotary: fraction of the head dim rotated
     xpos_scale_base: float = 512.0  # xPos gamma (used only with position="xpos")
 
     def validate(self, path: str = "rope") -> None:
@@ -54,39 +69,77 @@ class RopeConfig:
             raise ValueError(f"{path}.factor={self.factor} must be >= 1 (it extends the context)")
         if self.xpos_scale_base <= 0:
             raise ValueError(f"{path}.xpos_scale_base={self.xpos_scale_base} must be positive")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"{path}.fraction={self.fraction} must be in (0, 1]")
+        if self.scaling == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"{path}.low_freq_factor={self.low_freq_factor} must be > 0 and < "
+                             f"{path}.high_freq_factor={self.high_freq_factor}")
         if self.original_max_len <= 0:
             raise ValueError(f"{path}.original_max_len={self.original_max_len} must be positive")
 
 
-def rope_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[Array, float]:
-    """Returns ``(inv_freq [Dh/2], attention_scale)`` for the configured scheme."""
-    half = head_dim // 2
+def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
+    """Channels rotated per head (even): ``fraction * Dh`` rounded down to an even number."""
+    return max(2, int(head_dim * cfg.fraction) // 2 * 2)
+
+
+def _yarn(inv_freq: Array, dim: int, cfg: RopeConfig) -> tuple[Array, float]:
+    def corr(rotations):
+        return dim * math.log(cfg.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.base))
+    low = max(math.floor(corr(cfg.beta_fast)), 0)
+    high = min(math.ceil(corr(cfg.beta_slow)), dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    scale = cfg.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
+    return inv_freq / cfg.factor * ramp + inv_freq * (1 - ramp), scale
+
+
+def _llama3(inv_freq: Array, cfg: RopeConfig) -> Array:
+    wavelen = 2 * math.pi / inv_freq
+    old = cfg.original_max_len
+    smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    out = jnp.where(wavelen > old / cfg.low_freq_factor, inv_freq / cfg.factor, inv_freq)
+    mid = (wavelen >= old / cfg.high_freq_factor) & (wavelen <= old / cfg.low_freq_factor)
+    return jnp.where(mid, (1 - smooth) * out / cfg.factor + smooth * out, out)
+
+
+def rope_frequencies(head_dim: int, cfg: RopeConfig, positions: Array | None = None
+                     ) -> tuple[Array, float]:
+    """Returns ``(inv_freq [Dr/2], attention_scale)`` for the configured scheme, with
+    ``Dr = rotary_dim(head_dim)``. ``dynamic`` needs ``positions`` (its base depends on the
+    longest position of the call); without them it is the unscaled base."""
+    dim = rotary_dim(head_dim, cfg)
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     base = cfg.base
     if cfg.scaling == "ntk":
-        base = base * cfg.factor ** (head_dim / (head_dim - 2))
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
-    mscale = 1.0
+        base = base * cfg.factor ** (dim / (dim - 2))
+    if cfg.scaling == "dynamic" and positions is not None:
+        length = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1, cfg.original_max_len)
+        base = base * (cfg.factor * length / cfg.original_max_len - (cfg.factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponents)
     if cfg.scaling == "linear":
-        inv_freq = inv_freq / cfg.factor
-    elif cfg.scaling == "yarn":
-        wavelength = 2 * math.pi / inv_freq
-        ratio = cfg.original_max_len / wavelength
-        ramp = jnp.clip((ratio - cfg.beta_slow) / (cfg.beta_fast - cfg.beta_slow), 0.0, 1.0)
-        inv_freq = (1 - ramp) * inv_freq / cfg.factor + ramp * inv_freq
-        mscale = 0.1 * math.log(cfg.factor) + 1.0 if cfg.factor > 1 else 1.0
-    return inv_freq, mscale
+        return inv_freq / cfg.factor, 1.0
+    if cfg.scaling == "yarn":
+        return _yarn(inv_freq, dim, cfg)
+    if cfg.scaling == "llama3":
+        return _llama3(inv_freq, cfg), 1.0
+    return inv_freq, 1.0
 
 
 def apply_rope(x: Array, positions: Array, cfg: RopeConfig) -> Array:
-    """Rotates ``x [B, T, H, Dh]`` by ``positions [B, T]`` (rotate-half layout), in fp32."""
+    """Rotates ``x [B, T, H, Dh]`` by ``positions [B, T]`` (rotate-half layout over the first
+    ``rotary_dim`` channels), in fp32."""
     dh = x.shape[-1]
-    inv_freq, mscale = rope_frequencies(dh, cfg)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    dr = rotary_dim(dh, cfg)
+    inv_freq, mscale = rope_frequencies(dh, cfg, positions)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dr/2]
     cos = (jnp.cos(angles) * mscale)[:, :, None, :]
     sin = (jnp.sin(angles) * mscale)[:, :, None, :]
     xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : dh // 2], xf[..., dh // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2, rest = xf[..., : dr // 2], xf[..., dr // 2: dr], xf[..., dr:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x.dtype)
 
 

@@ -16,6 +16,7 @@ strided                Sparse Transformer strided / fixed patterns
 hierarchical           fine in-block + coarse block-summary attention
 routed                 content-routed top-k block attention (MoBA / NSA selection)
 linformer              length-projected keys/values (encoder only)
+mla                    multi-head latent attention (DeepSeek-V2/V3), absorbed decode
 transformer_xl         segment recurrence with relative positions
 transnormer            block softmax + normed linear attention across blocks
 =====================  ==========================================================
@@ -24,6 +25,7 @@ transnormer            block softmax + normed linear attention across blocks
 from layers.attention.hierarchical import HierarchicalConfig
 from layers.attention.linformer import LinformerConfig
 from layers.attention.local import BigBirdConfig, LongformerConfig, SlidingWindowConfig
+from layers.attention.mla import MLACache, MLAConfig
 from layers.attention.routed import RoutedAttentionConfig
 from layers.attention.softmax import ATTN_IMPLS, AttentionConfig, KVCache
 from layers.attention.sparse import SparseAttentionConfig
@@ -33,9 +35,10 @@ from layers.attention.transnormer import TransNormerConfig
 
 CONFIGS = (AttentionConfig, SlidingWindowConfig, LongformerConfig, BigBirdConfig,
            SparseTransformerConfig, LinformerConfig, HierarchicalConfig, RoutedAttentionConfig,
-           TransformerXLConfig, TransNormerConfig)
+           TransformerXLConfig, TransNormerConfig, MLAConfig)
 
 __all__ = ["ATTN_IMPLS", "AttentionConfig", "BigBirdConfig", "CONFIGS", "HierarchicalConfig",
-           "KVCache", "LinformerConfig", "LongformerConfig", "RoutedAttentionConfig",
+           "KVCache", "LinformerConfig", "LongformerConfig", "MLACache", "MLAConfig",
+           "RoutedAttentionConfig",
            "SlidingWindowConfig", "SparseAttentionConfig", "SparseTransformerConfig",
            "TransNormerConfig", "TransformerXLConfig"]

@@ -14,7 +14,11 @@ fixed size. Neither paper puts positions inside the kernel: both mixers are
 position-agnostic except for causality (use ``BlockSpec.short_conv`` for local order).
 Projections: ``layers.heads.project_heads`` (q, k, v ``[D, H, Dh]``) and ``project_out``.
 
-* ``linear_attention``: ``phi(x) = elu(x) + 1`` (K et al. eq. 7), N = Dh.
+* ``linear_attention``: ``phi(x) = elu(x) + 1`` (K et al. eq. 7), N = Dh; ``feature_map``
+  selects ``relu`` or ``identity`` instead (``layers.feature_maps.FEATURE_MAPS``), and
+  ``normalize=False`` drops the ``phi(q)^T z`` denominator (``out_i = phi(q_i)^T S_i``,
+  the unnormalized form fla and later linear-attention work use; ``identity`` needs it,
+  its normalizer can be zero).
 * ``performer``: FAVOR+ positive orthogonal random features for
   ``SM(q, k) = exp(q^T k / sqrt(Dh))`` applied to ``x = Dh^-1/4 q`` (and k), N features.
 
@@ -37,7 +41,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from layers.contracts import MixerConfig, in_range, no_aux, one_of, positive
-from layers.feature_maps import elu_feature_map, favor_features, orthogonal_gaussian
+from layers.feature_maps import FEATURE_MAPS, favor_features, orthogonal_gaussian
 from layers.heads import HeadsConfig, project_heads, project_out
 from layers.recurrence import MATRIX_IMPLS, matrix_recurrence
 from layers.recurrent.common import check_no_kv_heads
@@ -53,14 +57,15 @@ class LinearAttentionCache(NamedTuple):
 
 
 def kernel_attention(fq: Array, fk: Array, v: Array, *, eps: float, h0: LinearAttentionCache | None,
-                     segment_ids: Array | None, scan_impl: str, chunk: int):
-    """Causal normalized kernel attention from features ``fq, fk [B, T, H, N]`` and
-    ``v [B, T, H, Dh]``; returns ``(out [B, T, H, Dh] fp32, LinearAttentionCache)``."""
+                     segment_ids: Array | None, scan_impl: str, chunk: int, normalize: bool = True):
+    """Causal kernel attention from features ``fq, fk [B, T, H, N]`` and ``v [B, T, H, Dh]``,
+    divided by ``phi(q)^T z + eps`` when ``normalize``; returns ``(out [B, T, H, Dh] fp32,
+    LinearAttentionCache)``."""
     v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones(v.shape[:-1] + (1,), jnp.float32)], -1)
     s0 = None if h0 is None else jnp.concatenate([h0.s, h0.z[..., None]], axis=-1)
     o, s = matrix_recurrence(fq, fk, v1, None, h0=s0, segment_ids=segment_ids,
                              scan_impl=scan_impl, chunk=chunk)
-    out = o[..., :-1] / (o[..., -1:] + eps)
+    out = o[..., :-1] / (o[..., -1:] + eps) if normalize else o[..., :-1]
     return out, LinearAttentionCache(s[..., :-1], s[..., -1])
 
 
@@ -69,6 +74,8 @@ class LinearAttentionConfig(MixerConfig, HeadsConfig):
     """Causal linear attention with ``phi = elu + 1`` (Katharopoulos et al. 2020)."""
     kind: ClassVar[str] = "linear_attention"
     eps: float = 1e-6
+    feature_map: str = "elu"            # one of FEATURE_MAPS (linear_attention only)
+    normalize: bool = True              # divide by phi(q)^T z
     scan_impl: str = "chunked"          # one of MATRIX_IMPLS
     chunk: int = 64
 
@@ -82,6 +89,10 @@ class LinearAttentionConfig(MixerConfig, HeadsConfig):
         positive(f"{path}.chunk", self.chunk)
         one_of(f"{path}.scan_impl", self.scan_impl, MATRIX_IMPLS)
         in_range(f"{path}.eps", self.eps, 0.0, lo_open=True)
+        one_of(f"{path}.feature_map", self.feature_map, tuple(FEATURE_MAPS))
+        if self.feature_map == "identity" and self.normalize:
+            raise ValueError(f"{path}.feature_map='identity' needs {path}.normalize=False (its "
+                             "normalizer phi(q)^T z can be zero or negative)")
         if not self.causal:
             raise ValueError(f"{path}.causal=False is not supported (only the causal prefix-sum form)")
 
@@ -112,6 +123,9 @@ class PerformerConfig(LinearAttentionConfig):
     def validate(self, d_model: int, path: str = "performer") -> None:
         super().validate(d_model, path)
         positive(f"{path}.n_features", self.n_features, allow_none=True)
+        if self.feature_map != "elu":
+            raise ValueError(f"{path}.feature_map={self.feature_map!r}: the performer's features "
+                             "are FAVOR+; leave feature_map at its default 'elu'")
 
     def make(self, d_model, dtype, param_dtype, name=None):
         return LinearAttention(self, d_model, dtype, param_dtype, name=name)
@@ -141,9 +155,11 @@ class LinearAttention(nn.Module):
             fq = favor_features(q.astype(jnp.float32) * scale, w, is_query=True)
             fk = favor_features(k.astype(jnp.float32) * scale, w, is_query=False)
         else:
-            fq, fk = elu_feature_map(q), elu_feature_map(k)          # [B, T, H, N]
+            phi = FEATURE_MAPS[cfg.feature_map]
+            fq, fk = phi(q), phi(k)                                  # [B, T, H, N]
         out, state = kernel_attention(fq, fk, v, eps=cfg.eps, h0=cache, segment_ids=segment_ids,
-                                      scan_impl=cfg.scan_impl, chunk=cfg.chunk)
+                                      scan_impl=cfg.scan_impl, chunk=cfg.chunk,
+                                      normalize=cfg.normalize)
         y = project_out(self, out.astype(self.dtype), self.d_model, "o")
         return y, (None if cache is None else state), no_aux()
 

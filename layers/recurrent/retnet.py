@@ -19,7 +19,8 @@ K is scaled by ``Dh^-0.5`` (Sec. 2.3). The three forms are
 extra score normalizations of Sec. 2.3 are omitted: GroupNorm is invariant to the
 per-row scale they apply (up to its eps), and fp32 accumulation keeps the
 unnormalized sums finite. The GroupNorm is ``layers.norms.HeadNorm`` (one group per
-head). Projections: ``layers.heads.project_heads`` (q, k ``[D, H, Dh]``; v and the
+head). ``out_norm="rms"`` is the official code's variant instead (torchscale: a per-head RMS
+normalization over Dv without affine, the same for every head). Projections: ``layers.heads.project_heads`` (q, k ``[D, H, Dh]``; v and the
 gate ``[D, H, Dv]``) and ``project_out`` (``[H, Dv, D]``). Decode cache =
 S [B, H, Dh, Dv] fp32. Verified in tests/layers/recurrent/test_linear_mixers.py.
 """
@@ -35,12 +36,14 @@ import jax.numpy as jnp
 
 from layers.contracts import MixerConfig, no_aux, one_of, positive
 from layers.heads import HeadsConfig, project_heads, project_out
-from layers.norms import HeadNorm
+from layers.norms import HeadNorm, rms_normalize
 from layers.positions import RopeConfig, apply_rope
 from layers.recurrence import MATRIX_IMPLS, matrix_recurrence
 from layers.recurrent.common import check_no_kv_heads
 from layers.typing import Array, DType
 
+
+OUT_NORMS = ("groupnorm", "rms")
 
 class RetNetCache(NamedTuple):
     """state: [B, H, Dh, Dv] fp32 retention state."""
@@ -59,6 +62,7 @@ class RetNetConfig(MixerConfig, HeadsConfig):
     value_factor: int = 2
     rope: RopeConfig = RopeConfig()
     norm_eps: float = 1e-5
+    out_norm: str = "groupnorm"         # one of OUT_NORMS: the paper's GroupNorm or "rms"
     scan_impl: str = "chunked"          # one of MATRIX_IMPLS
     chunk: int = 64
 
@@ -73,6 +77,7 @@ class RetNetConfig(MixerConfig, HeadsConfig):
         positive(f"{path}.value_factor", self.value_factor)
         positive(f"{path}.chunk", self.chunk)
         one_of(f"{path}.scan_impl", self.scan_impl, MATRIX_IMPLS)
+        one_of(f"{path}.out_norm", self.out_norm, OUT_NORMS)
         self.rope.validate(f"{path}.rope")
         if not self.causal:
             raise ValueError(f"{path}.causal=False is not supported: retention is causal")
@@ -109,7 +114,10 @@ class RetNet(nn.Module):
         o, state = matrix_recurrence(q, k, v, log_gamma, h0=None if cache is None else cache.state,
                                      segment_ids=segment_ids, scan_impl=cfg.scan_impl,
                                      chunk=cfg.chunk)
-        o = HeadNorm("layernorm", cfg.norm_eps, self.param_dtype, name="group_norm")(o)
+        if cfg.out_norm == "rms":
+            o = rms_normalize(o.astype(jnp.float32), cfg.norm_eps)
+        else:
+            o = HeadNorm("layernorm", cfg.norm_eps, self.param_dtype, name="group_norm")(o)
         y = (jax.nn.silu(gate.astype(jnp.float32)) * o).astype(self.dtype)   # [B, T, H, Dv]
         y = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
         out = project_out(self, y, self.d_model, "o")

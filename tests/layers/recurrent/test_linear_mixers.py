@@ -28,6 +28,9 @@ D, B, T, T1, LA = 24, 2, 29, 11, 13   # T and T1 are not multiples of the chunk 
 MIXERS = [
     ("mamba", MambaConfig(d_state=4, scan_chunk=8),
      [dict(scan_impl="sequential"), dict(scan_chunk=0)]),
+    ("mamba_zoh_jamba", MambaConfig(d_state=4, scan_chunk=8, discretization="zoh",
+                                    dt_bc_norm=True, proj_bias=True),
+     [dict(scan_impl="sequential")]),
     ("mamba2", Mamba2Config(d_state=8, head_dim=8, n_bc_heads=2, chunk=8),     # 6 heads, 2 B/C heads
      [dict(scan_impl="sequential"), dict(scan_impl="parallel"), dict(scan_impl="associative")]),
     ("rwkv6", RWKV6Config(head_dim=8, mix_rank=4, decay_rank=6, chunk=8),      # 3 heads
@@ -37,6 +40,11 @@ MIXERS = [
      [dict(scan_impl="sequential"), dict(scan_impl="parallel"), dict(scan_impl="associative")]),
     ("linear_attention", LinearAttentionConfig(n_heads=3, chunk=8),
      [dict(scan_impl="sequential"), dict(scan_impl="parallel"), dict(scan_impl="associative")]),
+    ("retnet_rms_out_norm", RetNetConfig(n_heads=3, chunk=8, out_norm="rms"),
+     [dict(scan_impl="sequential")]),
+    ("linear_attention_relu_unnormalized", LinearAttentionConfig(n_heads=3, chunk=8,
+                                                                 feature_map="relu", normalize=False),
+     [dict(scan_impl="sequential")]),
     ("performer", PerformerConfig(n_heads=3, n_features=12, chunk=8),
      [dict(scan_impl="sequential"), dict(scan_impl="parallel"), dict(scan_impl="associative")]),
 ]
