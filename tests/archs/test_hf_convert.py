@@ -30,6 +30,24 @@ def test_convert_cli_round_trips_config_and_params(tmp_path, capsys):
         convert.convert_hf(str(FIXTURE), str(out))
 
 
+def test_convert_carries_state_and_overwrites_only_its_own_directories(tmp_path):
+    deepseek = FIXTURE.parent / "deepseek_v3"
+    out = tmp_path / "ds"
+    convert.convert_hf(str(deepseek), str(out))
+    _, params = from_hf(deepseek)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["state"])
+    restored = convert.init_state(str(out), shapes)          # DeepSeek-V3's router bias
+    for a, b in zip(jax.tree.leaves(params["state"]), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    convert.convert_hf(str(deepseek), str(out), overwrite=True)   # its own directory: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not made by archlab convert"):
+        convert.convert_hf(str(deepseek), str(mine), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 EXPERIMENT = '''"""init-from test."""
 import archs
 from experiments.config import EvalConfig, ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainConfig
