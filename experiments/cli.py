@@ -1,7 +1,10 @@
-"""The ``archlab`` command line: run, report, bench, list, aot.
+"""The ``archlab`` command line: run, report, bench, list, aot, convert.
 
 Configuration errors (bad field, unknown preset, existing run directory, mismatched
-checkpoint) print ``archlab: error: ...`` and exit with code 2 before compiling.
+checkpoint, an error in an experiment file, a damaged run file, a step too large for
+memory) print ``archlab: error: ...`` and exit with code 2 before training; a run that
+diverges (non-finite loss under ``train.on_nonfinite='stop'``) exits with code 3.
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import sys
 
 def _run(args) -> int:
     if args.distributed:
-        import jax
-        jax.distributed.initialize()
+        _initialize_distributed(args)
     from experiments import config as config_lib
     from experiments import report, train
 
@@ -27,6 +29,8 @@ def _run(args) -> int:
         if unknown:
             raise ValueError(f"--only: unknown run name(s) {sorted(unknown)}; runs: {[r.name for r in runs]}")
         runs = [r for r in runs if r.name in wanted]
+    if args.init_from:
+        runs = _with_init_model(runs, args.init_from)
     for r in runs:  # everything is validated before the first compile
         r.validate()
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
@@ -35,19 +39,70 @@ def _run(args) -> int:
     for r in runs:
         run_dir = out if single else os.path.join(out, r.name)
         summary = train.run(r, run_dir, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.no_progress, write_report=single)
-        acc = ", ".join(f"acc@{k}={v:.3f}" for k, v in summary["eval"].items())
-        print(f"[{r.name}] {acc}  ({summary['tokens_per_s']:,.0f} train tokens/s) -> {run_dir}")
+                            progress=not args.no_progress, write_report=single,
+                            init_from=args.init_from)
+        acc = ", ".join(f"acc@{k}={_num(v, '.3f')}" for k, v in summary["eval"].items())
+        print(f"[{r.name}] {acc}  ({_num(summary['tokens_per_s'], ',.0f')} train tokens/s) -> {run_dir}")
         dirs.append(run_dir)
-    path = report.write_report(dirs, out, title=f"archlab: {os.path.basename(args.config)}")
-    print(f"report: {path}")
+    from experiments import rundir
+    if rundir.is_writer():   # multi-host: process 0 writes the report
+        path = report.write_report(dirs, out, title=f"archlab: {os.path.basename(args.config)}")
+        print(f"report: {path}")
     return 0
+
+
+# --- convert / --init-from (published checkpoints; README "Loading published checkpoints")
+
+def _with_init_model(runs, init_from):
+    """Runs whose model is the converted checkpoint's (the experiment keeps its task/train)."""
+    import dataclasses
+    from experiments import convert
+    model = convert.init_config(init_from)
+    return [dataclasses.replace(r, model=dataclasses.replace(model, dtype=r.model.dtype,
+                                                             param_dtype=r.model.param_dtype))
+            for r in runs]
+
+
+def _convert(args) -> int:
+    from experiments import convert
+    cfg = convert.convert_hf(args.from_hf, args.out, overwrite=args.overwrite)
+    print(f"converted {args.from_hf} ({cfg.name}, {cfg.n_layers} layers, d_model {cfg.d_model}) "
+          f"-> {args.out}; train from it with: archlab run EXPERIMENT --init-from {args.out}")
+    return 0
+
+
+def _initialize_distributed(args) -> None:
+    """``jax.distributed.initialize`` from the flags, else ``JAX_COORDINATOR_ADDRESS`` /
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, else the cluster (SLURM, Cloud TPU, ...)."""
+    import jax
+    kw = {}
+    env = {"coordinator_address": ("coordinator", "JAX_COORDINATOR_ADDRESS", str),
+           "num_processes": ("num_processes", "JAX_NUM_PROCESSES", int),
+           "process_id": ("process_id", "JAX_PROCESS_ID", int)}
+    for key, (flag, var, kind) in env.items():
+        value = getattr(args, flag) if getattr(args, flag) is not None else os.environ.get(var)
+        if value is not None:
+            try:
+                kw[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--{flag.replace('_', '-')} / {var}={value!r} must be a {kind.__name__}")
+    jax.distributed.initialize(**kw)
+
+
+def _num(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
 
 
 def _report(args) -> int:
     from experiments import report
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
     print(f"report: {report.write_report(args.run_dirs, out)}")
+    return 0
+
+
+def _export(args) -> int:
+    from experiments import export
+    print(f"exported: {export.export(args.run_dir, args.out, args.step)}")
     return 0
 
 
@@ -117,12 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true", help="the file's CPU-sized smoke variant")
     r.add_argument("--only", help="comma-separated run names of a sweep to run")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing archlab run directory (anything else is refused)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    r.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (one process per host; README: "
+                        "Running on several hosts)")
+    r.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from a checkpoint made by 'archlab convert' (its model replaces "
+                        "the experiment's; ignored with --resume)")
+    r.add_argument("--coordinator", metavar="HOST:PORT", help="--distributed: process 0's address")
+    r.add_argument("--num-processes", type=int, help="--distributed: number of processes")
+    r.add_argument("--process-id", type=int, help="--distributed: this process's index")
+    r.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    cv = sub.add_parser("convert", help="a HuggingFace checkpoint -> an archlab init directory")
+    cv.add_argument("--from-hf", required=True, metavar="DIR",
+                    help="HF model directory (config.json + *.safetensors)")
+    cv.add_argument("--out", required=True, metavar="RUN_DIR")
+    cv.add_argument("--overwrite", action="store_true", help="replace a non-empty RUN_DIR")
+    cv.add_argument("--debug", action="store_true", help="show the traceback of an error")
     rp = sub.add_parser("report", help="compare run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="where report.md and PNGs go")
+    rp.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ex = sub.add_parser("export", help="write a run's weights unsharded for one host (numpy .npz)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="directory for params.npz and export.json")
+    ex.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    ex.add_argument("--debug", action="store_true", help="show the traceback of an error")
     b = sub.add_parser("bench", help="benchmarks: attention, kernels, mixers, moe")
     b.add_argument("name")
     sub.add_parser("list", help="presets, tasks, experiment files, benchmarks")
@@ -151,14 +227,26 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "bench":
             return _bench(args, rest)
         if args.command == "aot":
             return _aot(args)
+        if args.command == "convert":
+            return _convert(args)
         return _list(args)
-    except ValueError as e:
+    except ValueError as e:   # bad input: config, experiment file, run directory, run files
+        if getattr(args, "debug", False):
+            raise
         print(f"archlab: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from experiments.train import NonFiniteError
+        if not isinstance(e, NonFiniteError) or getattr(args, "debug", False):
+            raise
+        print(f"archlab: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

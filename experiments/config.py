@@ -75,6 +75,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     segment_len: int | None = None  # split sequences into segments carrying the cache (Transformer-XL / TBPTT)
     loss_on_all_tokens: bool = False  # False: loss only on scored positions (Zoology setting)
+    on_nonfinite: str = "stop"     # non-finite loss/grad norm: "stop" the run, or "skip_step" (update not applied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,8 @@ class ExperimentConfig:
             raise ValueError(f"train.seed={t.seed!r} must be an int")
         if not isinstance(t.checkpoint_every, int) or t.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: final only)")
+        if t.on_nonfinite not in ("stop", "skip_step"):
+            raise ValueError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip_step'")
         if t.segment_len is not None and (not isinstance(t.segment_len, int) or t.segment_len <= 0
                                           or self.task.seq_len % t.segment_len):
             raise ValueError(f"train.segment_len={t.segment_len} must be a positive divisor of "

@@ -16,23 +16,29 @@ from typing import Any
 
 import numpy as np
 
+from experiments import rundir
+
 
 def load_run(run_dir: str) -> dict[str, Any]:
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{run_dir} is not an archlab run directory (no config.json)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    rows = []
-    mpath = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    # strict JSON stores non-finite numbers as null; plots and tables want NaN
+    rows = [{k: (float("nan") if v is None else v) for k, v in r.items()}
+            for r in rundir.read_metrics(run_dir)]
     summary = {}
     spath = os.path.join(run_dir, "summary.json")
     if os.path.exists(spath):
-        with open(spath) as f:
-            summary = json.load(f)
+        try:
+            with open(spath) as f:
+                summary = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{spath} is not valid JSON ({e}); resuming the run rebuilds it") from e
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
     last_step = max((r["step"] for r in evals), default=None)

@@ -21,9 +21,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -38,8 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 import archs
 from archs.model import RNG_STREAMS, STATE_COLLECTION
 from experiments import checkpoint as ckpt_lib
+from experiments import memcheck, rundir
 from experiments import mesh as mesh_lib
-from experiments.config import ExperimentConfig, config_json, to_jsonable
+from experiments.config import ExperimentConfig, config_json
 from experiments.tasks import get_batch
 
 
@@ -96,35 +95,6 @@ def forward(model, variables, inputs, *, segment_len, train, rngs=None, mutable=
             losses[k] = losses.get(k, 0.0) + v / (t // segment_len)
     aux = {"losses": losses, "metrics": aux["metrics"]}
     return jnp.concatenate(logits, axis=1), aux, new_vars.get(STATE_COLLECTION, {})
-
-
-def _prepare_run_dir(cfg: ExperimentConfig, out_dir: str, resume: bool, overwrite: bool) -> None:
-    cfg_path = os.path.join(out_dir, "config.json")
-    exists = os.path.isdir(out_dir) and os.listdir(out_dir)
-    if exists and resume:
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"--resume: {out_dir} has no config.json; it is not an archlab run directory")
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        now = to_jsonable(cfg)
-        # train.steps / eval / logging may change on resume; what defines the run may not.
-        for key in ("model", "task", "optimizer", "schedule", "mesh"):
-            if saved.get(key) != now[key]:
-                raise ValueError(f"--resume: {key} in {cfg_path} differs from the current config; "
-                                 "resume needs the same run (use a new --out, or --overwrite)")
-        for key in ("seed", "batch_size", "segment_len", "loss_on_all_tokens"):
-            if saved["train"].get(key) != now["train"][key]:
-                raise ValueError(f"--resume: train.{key}={now['train'][key]!r} differs from the saved "
-                                 f"{saved['train'].get(key)!r} in {cfg_path}")
-        return
-    if exists and not overwrite:
-        raise ValueError(f"run directory {out_dir} already exists and is not empty; pass --resume to "
-                         "continue it, --overwrite to replace it, or choose another --out")
-    if exists and overwrite:
-        shutil.rmtree(out_dir)
-    if resume and not exists:
-        raise ValueError(f"--resume: run directory {out_dir} does not exist")
-    os.makedirs(out_dir, exist_ok=True)
 
 
 def abstract_variables(cfg: ExperimentConfig, model):
@@ -186,16 +156,30 @@ def make_train_step(cfg: ExperimentConfig, model, tx, schedule):
         return ce + aux_total, (metrics, new_state)
 
     def train_step(ts: TrainState, step_batch, rng):
-        (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             ts.params, ts, step_batch, rng)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+        metrics["grad_norm"] = _global_norm(grads)
         metrics["lr"] = schedule(ts.step)
         new_state = new_state if ts.state else ts.state
-        return TrainState(ts.step + 1, params, opt_state, new_state), metrics
+        # A non-finite loss, gradient or update is never applied: the state stays finite
+        # (the loop stops, or counts the step as skipped: train.on_nonfinite).
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        return TrainState(ts.step + 1, keep(params, ts.params), keep(opt_state, ts.opt_state),
+                          keep(new_state, ts.state)), metrics
 
     return train_step
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _global_norm(tree):
+    return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
 
 
 def jit_train_step(train_step, state_shardings):
@@ -203,17 +187,40 @@ def jit_train_step(train_step, state_shardings):
     return jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged (non-finite loss, gradient norm or update) under on_nonfinite='stop'."""
+
+
 def run(cfg: ExperimentConfig, out_dir: str, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True, devices=None, write_report: bool = True) -> dict[str, Any]:
-    """Trains ``cfg`` into ``out_dir`` and returns a summary dict (final metrics)."""
+        progress: bool = True, devices=None, write_report: bool = True,
+        init_from: str | None = None) -> dict[str, Any]:
+    """Trains ``cfg`` into ``out_dir`` and returns the summary (rebuilt from the run's files).
+    ``init_from``: a directory made by ``archlab convert`` whose parameters replace the
+    fresh initialization (not with ``resume``; see :func:`with_init_params`).
+
+    Resuming a run whose last checkpoint already reached ``train.steps`` trains nothing
+    and changes nothing but the rebuilt summary.
+    """
     b = _build(cfg, out_dir, resume, overwrite, devices)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
+        nn.unbox(abstract_variables(cfg, b.model))["params"])))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.train.keep_checkpoints)
+    last = ckpt.latest_step() if resume else None
+    if last is not None and last >= cfg.train.steps:
+        try:
+            ckpt.verify(last)   # the summary stands on the final checkpoint: refuse a damaged one
+        finally:
+            ckpt.close()
+        print(f"[{cfg.name}] {out_dir} is complete (checkpoint step {last}, train.steps="
+              f"{cfg.train.steps}); nothing to train. Raise train.steps to continue it.")
+        return _report(cfg, out_dir, n_params, last, write_report)
     with mesh_lib.mesh_context(b.mesh), nn.logical_axis_rules(mesh_lib.rules(cfg.mesh)):
-        state, start_step, ckpt = _init_or_restore(cfg, b, out_dir, resume)
-        n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+        state, start_step = _init_or_restore(cfg, b, out_dir, ckpt, resume)
+        if init_from and not resume:
+            state = with_init_params(state, init_from)
         train_step, make_batch, evaluator = _compile(cfg, b, state)
-        final_eval, tok_s = _loop(cfg, out_dir, state, start_step, ckpt, train_step, make_batch,
-                                  evaluator, progress)
-    return _report(cfg, out_dir, n_params, final_eval, tok_s, write_report)
+        _loop(cfg, out_dir, state, start_step, ckpt, train_step, make_batch, evaluator, progress)
+    return _report(cfg, out_dir, n_params, cfg.train.steps, write_report)
 
 
 class _Built(NamedTuple):
@@ -227,15 +234,16 @@ class _Built(NamedTuple):
 
 
 def _build(cfg: ExperimentConfig, out_dir: str, resume: bool, overwrite: bool, devices) -> _Built:
-    """Build phase: everything validated before anything compiles; the run directory prepared."""
+    """Build phase: everything validated before anything compiles; the run directory
+    prepared (a fresh run's ``config.json`` written; a resumed one's only once restored)."""
     cfg.validate()
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg, mesh)
     model = archs.build(cfg.model)
     eval_model = _eval_model(cfg, model)
-    _prepare_run_dir(cfg, out_dir, resume, overwrite)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(config_json(cfg))
+    rundir.prepare(cfg, out_dir, resume, overwrite)
+    if not resume:
+        rundir.write_atomic(os.path.join(out_dir, "config.json"), config_json(cfg))
     tx, schedule = make_optimizer(cfg)
     return _Built(mesh, model, eval_model, tx, schedule, mesh_lib.batch_sharding(mesh, cfg.mesh))
 
@@ -249,10 +257,19 @@ def check_batch_divisible(cfg: ExperimentConfig, mesh) -> None:
                              f"(mesh {dict(mesh.shape)})")
 
 
-def _init_or_restore(cfg: ExperimentConfig, b: _Built, out_dir: str, resume: bool):
-    """Init phase (sharded from the start) or restore from the latest checkpoint."""
+def with_init_params(state: TrainState, init_from: str) -> TrainState:
+    """``state`` with the parameters of a converted checkpoint (experiments/convert.py),
+    restored with the fresh parameters' shapes, dtypes and shardings."""
+    from experiments import convert
+    state = state.replace(params=convert.init_params(init_from, state.params))
+    converted = convert.init_state(init_from, state.state)   # e.g. DeepSeek-V3's router bias
+    return state if converted is None else state.replace(state=converted)
+
+
+def _init_or_restore(cfg: ExperimentConfig, b: _Built, out_dir: str, ckpt, resume: bool):
+    """Init phase (sharded from the start) or restore from the latest checkpoint; a resumed
+    run's ``config.json`` is rewritten only after its checkpoint restored."""
     state = init_state(cfg, b.model, b.tx, b.mesh)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.train.keep_checkpoints)
     start_step = 0
     if resume:
         last = ckpt.latest_step()
@@ -260,67 +277,110 @@ def _init_or_restore(cfg: ExperimentConfig, b: _Built, out_dir: str, resume: boo
             raise ValueError(f"--resume: no checkpoint in {out_dir}/checkpoints")
         state = ckpt.restore(last, ckpt_lib.abstract_like(state))
         start_step = int(state.step)
-    _truncate_metrics(out_dir, start_step)
-    return state, start_step, ckpt
+    rundir.truncate_metrics(out_dir, start_step)
+    if resume:
+        rundir.write_atomic(os.path.join(out_dir, "config.json"), config_json(cfg))
+    return state, start_step
 
 
 def _compile(cfg: ExperimentConfig, b: _Built, state: TrainState):
-    """Compile phase: the jitted train step, batch maker and evaluator."""
+    """Compile phase: the train step compiled ahead of running it (its memory checked
+    against what the devices have), batch maker and evaluator."""
     state_shard = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jit_train_step(make_train_step(cfg, b.model, b.tx, b.schedule), state_shard)
+    jitted = jit_train_step(make_train_step(cfg, b.model, b.tx, b.schedule), state_shard)
     make_batch = jax.jit(lambda step: get_batch(cfg.task, cfg.train.seed, step, cfg.train.batch_size),
                          out_shardings=b.batch_shard)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b.batch_shard),
+                         jax.eval_shape(make_batch, 0))
+    rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    compiled = jitted.lower(ckpt_lib.abstract_like(state), batch, rng).compile()
+    memcheck.check_fits(compiled, "train step", b.mesh)
     evaluator = _Evaluator(cfg, b.eval_model, b.batch_shard, cfg.train.segment_len)
-    return train_step, make_batch, evaluator
+    return compiled, make_batch, evaluator
 
 
 def _loop(cfg: ExperimentConfig, out_dir, state, start_step, ckpt, train_step, make_batch,
           evaluator, progress):
-    """Loop phase: train steps, logging, eval and checkpoints. Returns (final eval, tokens/s)."""
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    """Loop phase: train steps, logging, eval and checkpoints (each save only after every
+    step before it was checked finite)."""
+    log = rundir.MetricsLog(out_dir, cfg.train.batch_size * cfg.task.seq_len)
+    guard = _Divergence(cfg.train.on_nonfinite, ckpt)
     bar = _progress(progress, start_step, cfg.train.steps, cfg.name)
-    tokens_per_step = cfg.train.batch_size * cfg.task.seq_len
-    t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
-    final_eval: dict[int, float] = {}
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
-    for step in range(start_step, cfg.train.steps):
-        state, metrics = train_step(state, make_batch(step), jax.random.fold_in(base_rng, step))
-        steps_since += 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            if step > start_step:  # exclude the compile step from throughput
-                tok_s = tokens_per_step * steps_since / (now - t_last)
-            t_last, steps_since = now, 0
-            row = {"split": "train", "step": done, "tokens_per_s": tok_s,
-                   **{k: _jsonable(v) for k, v in metrics.items()}}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}", tok_s=f"{tok_s:,.0f}")
-        if done % cfg.eval.every == 0 or done == cfg.train.steps:
-            final_eval = evaluator(state)
-            for length, (acc, loss) in final_eval.items():
-                log.write(json.dumps({"split": "eval", "step": done, "length": length,
-                                      "accuracy": acc, "loss": loss}) + "\n")
-            log.flush()
-            t_last = time.perf_counter()  # eval time is not train throughput
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
-            ckpt.save(done, state)
-        bar.update(1)
-    bar.close()
-    log.close()
-    ckpt.close()
-    return final_eval, tok_s
+    try:
+        for step in range(start_step, cfg.train.steps):
+            rng = jax.random.fold_in(base_rng, step)
+            if jax.process_count() > 1:   # a host value is taken as replicated on every process
+                rng = np.asarray(rng)
+            state, metrics = train_step(state, make_batch(step), rng)
+            done = step + 1
+            guard.after_step(done, metrics)
+            log.step_done()
+            last = done == cfg.train.steps
+            if done % cfg.train.log_every == 0 or last:
+                guard.check_all()
+                row = log.train_row(done, metrics, guard.take_skipped(), first=step == start_step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
+            if done % cfg.eval.every == 0 or last:
+                guard.check_all()
+                log.eval_rows(done, evaluator(state))
+            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or last:
+                guard.check_all()
+                ckpt.save(done, state)
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+        ckpt.close()
 
 
-def _report(cfg: ExperimentConfig, out_dir, n_params, final_eval, tok_s, write_report) -> dict[str, Any]:
-    """Report phase: ``summary.json`` and (optionally) ``report.md``."""
-    summary = {"name": cfg.name, "params": n_params, "steps": cfg.train.steps,
-               "eval": {int(k): v[0] for k, v in final_eval.items()}, "tokens_per_s": tok_s}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if write_report:
+class _Divergence:
+    """Watches each step's non-finite flag one step behind (no per-step host sync);
+    ``check_all`` syncs before anything is logged, evaluated or saved."""
+
+    def __init__(self, mode: str, ckpt):
+        self.mode, self.ckpt, self.pending, self.skipped = mode, ckpt, [], None
+
+    def after_step(self, done, metrics):
+        if self.mode == "skip_step":
+            flag = metrics["nonfinite"]
+            self.skipped = flag if self.skipped is None else self.skipped + flag
+            return
+        self.pending.append((done, metrics))
+        if len(self.pending) > 1:
+            self._check(self.pending.pop(0))
+
+    def check_all(self):
+        while self.pending:
+            self._check(self.pending.pop(0))
+
+    def take_skipped(self):
+        if self.mode != "skip_step":
+            return None
+        n, self.skipped = int(jax.device_get(self.skipped)), None
+        return n
+
+    def _check(self, item):
+        done, metrics = item
+        if not bool(jax.device_get(metrics["nonfinite"])):
+            return
+        loss, gnorm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+        self.ckpt.wait()
+        last = self.ckpt.latest_step()
+        where = (f"the last finite checkpoint is step {last} ({self.ckpt.step_dir(last)}); --resume "
+                 "continues from it" if last is not None else "no checkpoint was saved before it")
+        raise NonFiniteError(
+            f"training diverged at step {done}: loss={loss}, grad_norm={gnorm} (or the updated "
+            "parameters) is not finite; stopped (train.on_nonfinite='stop'), the step's update was "
+            f"not applied and nothing after it was saved; {where}. Lower optimizer.lr / raise "
+            "warmup, or set train.on_nonfinite='skip_step'")
+
+
+def _report(cfg: ExperimentConfig, out_dir, n_params, final_step, write_report) -> dict[str, Any]:
+    """Report phase: ``summary.json`` rebuilt from metrics.jsonl and the final checkpoint
+    step, and (optionally) ``report.md``."""
+    summary = rundir.build_summary(out_dir, cfg.name, n_params, final_step)
+    if write_report and rundir.is_writer():
         from experiments import report
         report.write_report([out_dir], out_dir)
     return summary
@@ -371,22 +431,6 @@ class _Evaluator:
                 nll, correct, n = nll + float(a), correct + float(b), n + float(c)
             out[length] = (correct / max(n, 1.0), nll / max(n, 1.0))
         return out
-
-
-def _jsonable(v):
-    v = np.asarray(v)
-    return float(v) if v.ndim == 0 else v.tolist()
-
-
-def _truncate_metrics(out_dir: str, step: int) -> None:
-    """Drops metric rows after ``step`` (a resumed run rewrites them identically)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
 
 
 class _NoBar:

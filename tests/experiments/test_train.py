@@ -50,12 +50,24 @@ def test_run_writes_config_metrics_checkpoints_and_report(first_run):
         assert os.path.isfile(out / name), name
     assert sorted(os.listdir(out / "checkpoints")) == ["4", "4.manifest.json", "8", "8.manifest.json"]
     rows = _rows(out)
-    train = [r for r in rows if r["split"] == "train"]
+    with open(out / "metrics.jsonl") as f:
+        train = [json.loads(line) for line in f if '"train"' in line]
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     assert {(r["step"], r["length"]) for r in evals} == {(4, 16), (4, 32), (8, 16), (8, 32)}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert "acc@32" in (out / "report.md").read_text()
+    # strict JSON: no bare NaN/Infinity
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and set(summary["eval"]) == {"16", "32"}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        _strict_json(line)
+
+
+def _strict_json(text):
+    def refuse(const):
+        raise AssertionError(f"non-strict JSON constant {const}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_same_config_and_seed_give_same_metrics_and_resume_is_exact(first_run):
@@ -67,7 +79,10 @@ def test_same_config_and_seed_give_same_metrics_and_resume_is_exact(first_run):
     resumed = root / "c"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "8")
-    assert main(["run", str(cfg), "--out", str(resumed), "--resume", "--no-progress"]) == 0
+    metrics = (resumed / "metrics.jsonl").read_text()
+    (resumed / "metrics.jsonl").write_text(metrics[:-25])   # a crash while writing the last row
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:\d+: the last row is truncated"):
+        assert main(["run", str(cfg), "--out", str(resumed), "--resume", "--no-progress"]) == 0
     assert _rows(resumed) == _rows(out)
 
 
@@ -90,9 +105,31 @@ def test_corrupt_checkpoint_gives_a_clear_error(first_run, capsys):
         for f in files:
             with open(os.path.join(dirpath, f), "w") as fh:
                 fh.write("garbage")
-    assert main(["run", str(cfg), "--out", str(broken), "--resume", "--no-progress"]) == 2
+    config = (broken / "config.json").read_text()
+    assert main(["run", str(cfg), "--out", str(broken), "--resume", "--no-progress",
+                 "--set", "train.steps=12"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint step 8" in err and "is damaged" in err and "step 4" in err, err
+    assert (broken / "config.json").read_text() == config   # a failed resume changes nothing
+
+
+def test_resuming_a_complete_run_changes_nothing_unless_steps_are_raised(first_run, capsys):
+    root, cfg, out = first_run
+    done = root / "done"
+    shutil.copytree(out, done)
+    summary = json.loads((done / "summary.json").read_text())
+    os.remove(done / "summary.json")   # e.g. a crash between the final checkpoint and the summary
+    files = ("config.json", "metrics.jsonl", "checkpoints/8.manifest.json")
+    before = {f: (done / f).read_bytes() for f in files}
+    assert main(["run", str(cfg), "--out", str(done), "--resume", "--no-progress"]) == 0
+    assert "is complete (checkpoint step 8, train.steps=8); nothing to train" in capsys.readouterr().out
+    assert {f: (done / f).read_bytes() for f in files} == before
+    assert json.loads((done / "summary.json").read_text()) == summary
+    assert main(["run", str(cfg), "--out", str(done), "--resume", "--no-progress",
+                 "--set", "train.steps=10"]) == 0
+    assert json.loads((done / "config.json").read_text())["train"]["steps"] == 10
+    assert [r["step"] for r in _rows(done) if r["split"] == "train"] == [2, 4, 6, 8, 10]
+    assert "10" in os.listdir(done / "checkpoints")
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
