@@ -63,18 +63,21 @@ class DecodeCache:
     max_len: int = struct.field(pytree_node=False)
 
 
-def _add_aux(losses: dict, metrics: dict, aux: Aux, suffix: str) -> None:
+def _add_aux(losses: dict, metrics: dict, aux: Aux, where: str) -> None:
+    """Sums ``aux``'s losses into ``losses``; keys its metrics ``name/where``."""
     for name, val in aux.get("losses", {}).items():   # summed over blocks
         losses[name] = losses.get(name, 0.0) + val
     for name, val in aux.get("metrics", {}).items():  # kept per block
-        metrics[f"{name}/{suffix}"] = val
+        metrics[f"{name}/{where}"] = val
 
 
 class Block(nn.Module):
     """``x + mixer(conv?(norm(x)))`` then ``x + ffn(norm(x))``; mixer and FFN follow the
-    same contract (``layers.contracts``): ``(y, new_cache, aux)``."""
+    same contract (``layers.contracts``): ``(y, new_cache, aux)``. Metrics are keyed
+    ``name/block_{index}`` (FFN) and ``name/block_{index}/mixer`` (mixer)."""
     spec: BlockSpec
     cfg: ModelConfig
+    index: int = 0
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, train):
@@ -88,13 +91,13 @@ class Block(nn.Module):
                 h, part("conv"), segment_ids)
         y, new_cache["mixer"], aux = spec.mixer.make(cfg.d_model, dt, pdt, name="mixer")(
             h, positions=positions, segment_ids=segment_ids, cache=part("mixer"), train=train)
-        _add_aux(losses, metrics, aux, "mixer")
+        _add_aux(losses, metrics, aux, f"block_{self.index}/mixer")
         x = x + y.astype(x.dtype)
         if spec.ffn is not None:
             h = make_norm(cfg.norm, cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
             y, new_cache["ffn"], aux = spec.ffn.make(cfg.d_model, dt, pdt, name="ffn")(
                 h, positions=positions, segment_ids=segment_ids, cache=part("ffn"), train=train)
-            _add_aux(losses, metrics, aux, "ffn")
+            _add_aux(losses, metrics, aux, f"block_{self.index}")
             x = x + y.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, (new_cache if cache is not None else None), {"losses": losses, "metrics": metrics}
@@ -108,14 +111,12 @@ class Repeat(nn.Module):
     def __call__(self, x, positions, segment_ids, cache, train=False):
         caches, losses, metrics = [], {}, {}
         for i, spec in enumerate(self.cfg.pattern):
-            x, c, aux = Block(spec, self.cfg, name=f"block_{i}")(
+            x, c, aux = Block(spec, self.cfg, i, name=f"block_{i}")(
                 x, positions, segment_ids, None if cache is None else cache[i], train)
             caches.append(c)
             for name, val in aux["losses"].items():
                 losses[name] = losses.get(name, 0.0) + val
-            for name, val in aux["metrics"].items():
-                base, _, where = name.rpartition("/")
-                metrics[f"{base}/block_{i}" if where == "ffn" else f"{base}/block_{i}/{where}"] = val
+            metrics.update(aux["metrics"])
         return x, ((tuple(caches) if cache is not None else None),
                    {"losses": losses, "metrics": metrics})
 
