@@ -277,7 +277,10 @@ def build(fx: Fixture, out_dir: Path, versions: dict[str, str], date: str) -> di
     model.eval()
 
     path = out_dir / fx.name
-    if path.exists():
+    if path.exists():   # replace only a fixture this tool wrote (it has reference.npz + params.txt)
+        if not ((path / "reference.npz").is_file() and (path / "params.txt").is_file()):
+            raise SystemExit(f"refusing to replace {path}: it is not a fixture written by this tool "
+                             "(no reference.npz and params.txt); choose another --out")
         shutil.rmtree(path)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if fx.sharded:
