@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="directory for params.npz and export.json")
     ex.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     ex.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    b = sub.add_parser("bench", help="benchmarks: attention, kernels, mixers, moe")
+    b = sub.add_parser("bench", help="benchmarks: attention, kernels, mixers, moe, vs-torch")
     b.add_argument("name")
     sub.add_parser("list", help="presets, tasks, experiment files, benchmarks")
     a = sub.add_parser("aot", help="compile train/decode steps deviceless for a TPU/GPU target")

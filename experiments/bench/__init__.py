@@ -9,4 +9,5 @@ BENCHES = {
     "kernels": "experiments.bench.kernels",
     "mixers": "experiments.bench.mixers",
     "moe": "experiments.bench.moe",
+    "vs-torch": "experiments.bench.vs_torch",   # needs torch + transformers (.venv-hf)
 }
