@@ -68,6 +68,18 @@ class Band:
                 ok &= -d < self.window
         return ok
 
+    def block_visible(self, q_lo: Array, q_hi: Array, k_lo: Array, k_hi: Array) -> Array:
+        """Whether every (query, key) pair of position ranges [q_lo, q_hi] x [k_lo, k_hi]
+        is visible (the engine then skips the mask of that block)."""
+        ok = jnp.ones(jnp.broadcast_shapes(q_lo.shape, k_lo.shape), bool)
+        if self.causal:
+            ok &= k_hi <= q_lo
+        if self.window is not None:
+            ok &= q_hi - k_lo < self.window
+            if not self.causal:
+                ok &= k_hi - q_lo < self.window
+        return ok
+
 
 class PatternLists(NamedTuple):
     """The pattern, each ``[Bi, Ki, nq, n]`` (Bi in {1, B}, Ki in {1, K}): key-block
@@ -107,27 +119,35 @@ class Geometry(NamedTuple):
         return self.n_chunks * self.chunk_blocks * self.block_q
 
 
+class Offsets(NamedTuple):
+    """Dynamic int32 scalars of a call into a KV cache: the position of query 0 and the
+    number of valid keys (keys at ``s >= kv_len`` are invisible). (0, S) for self-attention."""
+    q_offset: Array
+    kv_len: Array
+
+
 class Blocked(NamedTuple):
     """The inputs in the engine's layout."""
-    q: Array                  # [NC, B, cq, Bq, K, G, Dh]   (cq = query blocks per chunk)
+    q: Array                  # [NC, B, K, cq, G, Bq, Dh]   (cq = query blocks per chunk)
     k: Array                  # [B, K, nk, Bk, Dh]
     v: Array                  # [B, K, nk, Bk, Dh]
     lists: PatternLists       # each [NC, Bi, Ki, cq, n]
     q_seg: Array | None       # [NC, B, cq, Bq]
     k_seg: Array | None       # [B, 1, nk, Bk]
     slopes: Array | None      # ALiBi [K, G] fp32
+    offsets: Offsets
 
 
 class Chunk(NamedTuple):
     """One chunk of query blocks (the ``xs`` of the chunk loop); backward-only fields
     are None in the forward pass."""
     index: Array              # int32 []
-    q: Array                  # [B, cq, Bq, K, G, Dh]
+    q: Array                  # [B, K, cq, G, Bq, Dh]
     lists: PatternLists       # each [Bi, Ki, cq, n]
     q_seg: Array | None       # [B, cq, Bq]
-    dout: Array | None = None    # [B, cq, Bq, K, G, Dh]
-    delta: Array | None = None   # [B, K, G, cq, Bq] rowsum(dO * O)
-    lse: Array | None = None     # [B, K, G, cq, Bq]
+    dout: Array | None = None    # [B, K, cq, G, Bq, Dh]
+    delta: Array | None = None   # [B, K, cq, G, Bq] rowsum(dO * O)
+    lse: Array | None = None     # [B, K, cq, G, Bq]
 
 
 # ----------------------------------------------------------------------------- layout
@@ -153,7 +173,23 @@ def _chunked(x: Array, geo: Geometry, value=0) -> Array:
     return jnp.moveaxis(x, 1, 0)
 
 
-def _layout(q, k, v, lists: PatternLists, q_seg, kv_seg, slopes, geo: Geometry) -> Blocked:
+def _rows_in(x: Array, geo: Geometry) -> Array:
+    """Grouped per-token values [B, T, K, G, ...] -> the engine's row layout
+    [NC, B, K, cq, G, Bq, ...]: every query block's rows of one kv head are the
+    contiguous (G, Bq) rows of one matmul, so score blocks need no transposes."""
+    x = _chunked(x, geo)                                               # [NC, B, cq, Bq, K, G, ...]
+    return jnp.transpose(x, (0, 1, 4, 2, 5, 3) + tuple(range(6, x.ndim)))
+
+
+def _rows_out(x: Array, geo: Geometry) -> Array:
+    """Inverse of :func:`_rows_in`: [NC, B, K, cq, G, Bq, ...] -> [B, T, K, G, ...]."""
+    x = jnp.transpose(x, (1, 0, 3, 5, 2, 4) + tuple(range(6, x.ndim)))
+    x = x.reshape((geo.batch, geo.padded_q_len) + x.shape[4:])
+    return x[:, :geo.q_len]
+
+
+def _layout(q, k, v, lists: PatternLists, q_seg, kv_seg, slopes, offsets: Offsets,
+            geo: Geometry) -> Blocked:
     """Pads and blocks the inputs."""
     b, kh, dh, nk, bk = geo.batch, geo.kv_heads, geo.head_dim, geo.n_k_blocks, geo.block_k
     blk = lambda x: _pad_axis1(x, nk * bk).reshape(b, nk, bk, kh, dh).transpose(0, 3, 1, 2, 4)
@@ -165,8 +201,9 @@ def _layout(q, k, v, lists: PatternLists, q_seg, kv_seg, slopes, geo: Geometry) 
     if q_seg is not None:
         qs = _chunked(q_seg, geo, -1)
         ks = _pad_axis1(kv_seg, nk * bk, -2).reshape(b, nk, bk)[:, None]
-    qc = _chunked(q.reshape(b, geo.q_len, kh, geo.group, dh), geo)
-    return Blocked(qc, blk(k), blk(v), PatternLists(*map(chunk_list, lists)), qs, ks, slopes)
+    qc = _rows_in(q.reshape(b, geo.q_len, kh, geo.group, dh), geo)
+    return Blocked(qc, blk(k), blk(v), PatternLists(*map(chunk_list, lists)), qs, ks, slopes,
+                   offsets)
 
 
 def _take_blocks(x: Array, kj: Array) -> Array:
@@ -187,15 +224,23 @@ def _add_blocks(acc: Array, kj: Array, val: Array) -> Array:
     return acc.at[jnp.arange(b)[:, None, None], jnp.arange(kh)[None, :, None], kj].add(val)
 
 
+def _bmm(x: Array, y: Array, contract: tuple[int, int]) -> Array:
+    """Batched matmul over the three leading axes (B, K, cq) of 5-d operands, with
+    G-grouped rows flattened: x [B, K, cq, G, Bq, X] or [B, K, cq, R, X]. fp32 result."""
+    flat = lambda z: z.reshape(z.shape[:3] + (-1, z.shape[-1])) if z.ndim == 6 else z
+    dims = (((contract[0],), (contract[1],)), ((0, 1, 2), (0, 1, 2)))
+    return jax.lax.dot_general(flat(x), flat(y), dims, preferred_element_type=jnp.float32)
+
+
 # ----------------------------------------------------------------------------- one slot
 
 class Slot(NamedTuple):
     """What slot ``c`` of a chunk sees."""
-    ok: Array                 # bool [Bi|B, Ki|K, cq, Bq, Bk]
+    ok: Array | None          # bool [Bi|B, Ki|K, cq, 1, Bq, Bk]; None: the whole block is visible
     kj: Array                 # int32 [Bi, Ki, cq] key blocks
     k: Array                  # [B, K, cq, Bk, Dh] gathered keys
     v: Array                  # [B, K, cq, Bk, Dh] gathered values
-    scores: Array             # fp32 [B, K, G, cq, Bq, Bk] (unmasked)
+    scores: Array             # fp32 [B, K, cq, G, Bq, Bk] (unmasked)
 
 
 def _mm(bq: int, x: Array) -> Array:
@@ -204,31 +249,66 @@ def _mm(bq: int, x: Array) -> Array:
     return x.astype(jnp.float32) if bq == 1 else x
 
 
-def _slot(blk: Blocked, chunk: Chunk, c, geo: Geometry, static: Static) -> Slot:
-    """Gathers the key block of slot ``c`` for every query block of ``chunk``."""
+def _positions(chunk: Chunk, c, blk: Blocked, geo: Geometry):
+    """(q_idx [1, 1, cq, Bq, 1] local rows, q_pos (+ q_offset), k_pos [Bi, Ki, cq, 1, Bk], kj)."""
     bq, bk, cq = geo.block_q, geo.block_k, geo.chunk_blocks
+    kj = chunk.lists.idx[..., c]
+    q_idx = ((chunk.index * cq + jnp.arange(cq))[:, None] * bq + jnp.arange(bq))[None, None, :, :, None]
+    k_pos = (kj[..., None] * bk + jnp.arange(bk))[:, :, :, None, :]
+    return q_idx, q_idx + blk.offsets.q_offset, k_pos, kj
+
+
+def _slot(blk: Blocked, chunk: Chunk, c, geo: Geometry, static: Static, masked: bool) -> Slot:
+    """Gathers the key block of slot ``c`` for every query block of ``chunk``;
+    ``masked=False`` (a block the chunk sees whole, see :func:`_slot_kind`) skips the mask."""
     lists = chunk.lists
-    kj = lists.idx[..., c]
-    q_pos = ((chunk.index * cq + jnp.arange(cq))[:, None] * bq + jnp.arange(bq))[None, None, :, :, None]
-    k_pos = (kj[..., None] * bk + jnp.arange(bk))[:, :, :, None, :]   # [Bi, Ki, cq, 1, Bk]
-    ok = (q_pos < geo.q_len) & (k_pos < geo.kv_len) & lists.valid[..., c][..., None, None]
-    if static.rule is not None:
-        ok &= lists.full[..., c][..., None, None] | static.rule(q_pos, k_pos)
-    if chunk.q_seg is not None:
-        ks = _take_blocks(jnp.broadcast_to(blk.k_seg, (geo.batch, kj.shape[1]) + blk.k_seg.shape[2:]), kj)
-        ok &= chunk.q_seg[:, None, :, :, None] == ks[:, :, :, None, :]
+    q_idx, q_pos, k_pos, kj = _positions(chunk, c, blk, geo)
+    ok = None
+    if masked:
+        ok = (q_idx < geo.q_len) & (k_pos < blk.offsets.kv_len) & lists.valid[..., c][..., None, None]
+        if static.rule is not None:
+            ok &= lists.full[..., c][..., None, None] | static.rule(q_pos, k_pos)
+        if chunk.q_seg is not None:
+            ks = _take_blocks(jnp.broadcast_to(blk.k_seg, (geo.batch, kj.shape[1]) + blk.k_seg.shape[2:]), kj)
+            ok &= chunk.q_seg[:, None, :, :, None] == ks[:, :, :, None, :]
+        ok = ok[:, :, :, None]                                         # broadcast over G
+    bq = geo.block_q
     kg, vg = _mm(bq, _take_blocks(blk.k, kj)), _mm(bq, _take_blocks(blk.v, kj))
-    sc = jnp.einsum("bctkgd,bkcsd->bkgcts", _mm(bq, chunk.q), kg,
-                    preferred_element_type=jnp.float32) * static.scale
+    sc = _bmm(_mm(bq, chunk.q), kg, (4, 4)).reshape(chunk.q.shape[:-1] + (geo.block_k,))
+    sc = sc * static.scale
     if blk.slopes is not None:
-        dist = jnp.abs(q_pos - k_pos).astype(jnp.float32)[:, :, None]
-        sc = sc - blk.slopes[None, :, :, None, None, None] * dist
+        dist = jnp.abs(q_pos - k_pos).astype(jnp.float32)[:, :, :, None]
+        sc = sc - blk.slopes[None, :, None, :, None, None] * dist
     return Slot(ok, kj, kg, vg, sc)
 
 
-def _if_used(chunk: Chunk, c, compute, carry):
-    """``compute(carry)`` unless slot ``c`` is invalid for the whole chunk."""
-    return jax.lax.cond(jnp.any(chunk.lists.valid[..., c]), compute, lambda x: x, carry)
+def _slot_kind(chunk: Chunk, c, blk: Blocked, geo: Geometry, static: Static) -> Array:
+    """0: slot ``c`` is invalid for the whole chunk (skipped); 1: every listed block is
+    visible whole (no mask needed: rule's ``block_visible`` or ``full``, no padding, no
+    segment ids); 2: masked."""
+    lists = chunk.lists
+    valid = lists.valid[..., c]
+    whole = jnp.asarray(False)
+    if chunk.q_seg is None:
+        q_idx, q_pos, k_pos, _ = _positions(chunk, c, blk, geo)
+        inside = (q_idx[..., -1, :].max() < geo.q_len) & (k_pos[..., -1].max() < blk.offsets.kv_len)
+        block_ok = lists.full[..., c]
+        rule_whole = getattr(static.rule, "block_visible", None)
+        if static.rule is None:
+            block_ok = jnp.ones_like(block_ok)
+        elif rule_whole is not None:
+            q_lo, q_hi = q_pos[..., 0, 0], q_pos[..., -1, 0]             # [1, 1, cq]
+            k_lo, k_hi = k_pos[..., 0, 0], k_pos[..., 0, -1]             # [Bi, Ki, cq]
+            block_ok |= rule_whole(q_lo, q_hi, k_lo, k_hi)
+        whole = inside & jnp.all(valid & block_ok)
+    return jnp.where(jnp.any(valid), jnp.where(whole, 1, 2), 0)
+
+
+def _switch_slot(chunk: Chunk, c, blk, geo, static, compute, carry):
+    """Runs ``compute(carry, c, masked)`` for the slot's kind (:func:`_slot_kind`)."""
+    kind = _slot_kind(chunk, c, blk, geo, static)
+    return jax.lax.switch(kind, (lambda x: x, lambda x: compute(x, c, False),
+                                 lambda x: compute(x, c, True)), carry)
 
 
 def _map_chunks(fn, xs: Chunk, n_chunks: int):
@@ -241,22 +321,22 @@ def _map_chunks(fn, xs: Chunk, n_chunks: int):
 # ----------------------------------------------------------------------------- forward
 
 def _forward_chunk(chunk: Chunk, blk: Blocked, geo: Geometry, static: Static):
-    """Online softmax over the slots: (out [B, K, G, cq, Bq, Dh], lse [B, K, G, cq, Bq])."""
-    def slot(carry, c):
-        def compute(carry):
-            m, l, acc = carry
-            sl = _slot(blk, chunk, c, geo, static)
-            sc = jnp.where(sl.ok[:, :, None], sl.scores, _NEG)
-            m_new = jnp.maximum(m, sc.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(sc - m_safe[..., None])
-            alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bkgcts,bkcsd->bkgctd", p.astype(sl.v.dtype), sl.v,
-                            preferred_element_type=jnp.float32)
-            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
-        return _if_used(chunk, c, compute, carry), None
+    """Online softmax over the slots: (out [B, K, cq, G, Bq, Dh], lse [B, K, cq, G, Bq])."""
+    def compute(carry, c, masked):
+        m, l, acc = carry
+        sl = _slot(blk, chunk, c, geo, static, masked)
+        sc = sl.scores if sl.ok is None else jnp.where(sl.ok, sl.scores, _NEG)
+        m_new = jnp.maximum(m, sc.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if masked else m_new
+        p = jnp.exp(sc - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        pv = _bmm(p.astype(sl.v.dtype), sl.v, (4, 3)).reshape(acc.shape)
+        return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-    shape = (geo.batch, geo.kv_heads, geo.group, geo.chunk_blocks, geo.block_q)
+    def slot(carry, c):
+        return _switch_slot(chunk, c, blk, geo, static, compute, carry), None
+
+    shape = (geo.batch, geo.kv_heads, geo.chunk_blocks, geo.group, geo.block_q)
     init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (geo.head_dim,), jnp.float32))
     n = chunk.lists.idx.shape[-1]
@@ -265,56 +345,53 @@ def _forward_chunk(chunk: Chunk, blk: Blocked, geo: Geometry, static: Static):
     return acc / l_safe[..., None], jnp.where(l > 0, m + jnp.log(l_safe), _NEG)
 
 
-def _forward(q, k, v, lists, q_seg, kv_seg, slopes, static: Static):
-    """(out [B, T, H, Dh] in q.dtype, lse fp32 [B, K, G, T])."""
+def _forward(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static: Static):
+    """(out [B, T, H, Dh] in q.dtype, lse fp32 [B, T, K, G])."""
     geo = _geometry(q, k, static)
-    blk = _layout(q, k, v, lists, q_seg, kv_seg, slopes, geo)
+    blk = _layout(q, k, v, lists, q_seg, kv_seg, slopes, offsets, geo)
     xs = Chunk(jnp.arange(geo.n_chunks), blk.q, blk.lists, blk.q_seg)
     out, lse = _map_chunks(lambda ch: _forward_chunk(ch, blk, geo, static), xs, geo.n_chunks)
-    b, kh, g, t, tp = geo.batch, geo.kv_heads, geo.group, geo.q_len, geo.padded_q_len
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kh, g, tp, geo.head_dim)[:, :, :, :t]
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kh, g, tp)[:, :, :, :t]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, kh * g, geo.head_dim)
-    return out.astype(q.dtype), lse
+    out = _rows_out(out, geo).reshape(geo.batch, geo.q_len, -1, geo.head_dim)
+    return out.astype(q.dtype), _rows_out(lse, geo)
 
 
 # ----------------------------------------------------------------------------- backward
 
 def _backward_chunk(carry, chunk: Chunk, blk: Blocked, geo: Geometry, static: Static):
     """dQ of one chunk; dK, dV (blocked, fp32) accumulated in ``carry``."""
-    def slot(carry, c):
-        def compute(carry):
-            dq, dkb, dvb = carry
-            sl = _slot(blk, chunk, c, geo, static)
-            p = jnp.where(sl.ok[:, :, None], jnp.exp(sl.scores - chunk.lse[..., None]), 0.0)
-            dp = jnp.einsum("bctkgd,bkcsd->bkgcts", _mm(geo.block_q, chunk.dout), sl.v,
-                            preferred_element_type=jnp.float32)
-            ds = p * (dp - chunk.delta[..., None])
-            dq = dq + jnp.einsum("bkgcts,bkcsd->bctkgd", ds, sl.k.astype(jnp.float32)) * static.scale
-            dk = jnp.einsum("bkgcts,bctkgd->bkcsd", ds, chunk.q.astype(jnp.float32)) * static.scale
-            dv = jnp.einsum("bkgcts,bctkgd->bkcsd", p, chunk.dout.astype(jnp.float32))
-            return dq, _add_blocks(dkb, sl.kj, dk), _add_blocks(dvb, sl.kj, dv)
-        return _if_used(chunk, c, compute, carry), None
+    def compute(carry, c, masked):
+        dq, dkb, dvb = carry
+        sl = _slot(blk, chunk, c, geo, static, masked)
+        p = jnp.exp(sl.scores - chunk.lse[..., None])
+        if sl.ok is not None:
+            p = jnp.where(sl.ok, p, 0.0)
+        dout = _mm(geo.block_q, chunk.dout)
+        dp = _bmm(dout, sl.v, (4, 4)).reshape(p.shape)
+        ds = p * (dp - chunk.delta[..., None])
+        dq = dq + _bmm(ds, sl.k.astype(jnp.float32), (4, 3)).reshape(dq.shape) * static.scale
+        dk = _bmm(ds, chunk.q.astype(jnp.float32), (3, 3)) * static.scale   # [B, K, cq, Bk, Dh]
+        dv = _bmm(p, chunk.dout.astype(jnp.float32), (3, 3))
+        return dq, _add_blocks(dkb, sl.kj, dk), _add_blocks(dvb, sl.kj, dv)
 
-    dq0 = jnp.zeros((geo.batch, geo.chunk_blocks, geo.block_q, geo.kv_heads, geo.group,
-                     geo.head_dim), jnp.float32)
+    def slot(carry, c):
+        return _switch_slot(chunk, c, blk, geo, static, compute, carry), None
+
+    dq0 = jnp.zeros(chunk.q.shape, jnp.float32)                       # [B, K, cq, G, Bq, Dh]
     n = chunk.lists.idx.shape[-1]
     (dq, dkb, dvb), _ = jax.lax.scan(slot, (dq0,) + carry, jnp.arange(n), unroll=static.unroll)
     return (dkb, dvb), dq
 
 
-def _backward(q, k, v, lists, q_seg, kv_seg, slopes, out, lse, dout, static: Static):
+def _backward(q, k, v, lists, q_seg, kv_seg, slopes, offsets, out, lse, dout, static: Static):
     geo = _geometry(q, k, static)
-    blk = _layout(q, k, v, lists, q_seg, kv_seg, slopes, geo)
+    blk = _layout(q, k, v, lists, q_seg, kv_seg, slopes, offsets, geo)
     b, t, kh, g, dh = geo.batch, geo.q_len, geo.kv_heads, geo.group, geo.head_dim
     grouped = lambda x: x.reshape(b, t, kh, g, dh)
     delta = jnp.einsum("btkgd,btkgd->btkg", grouped(dout).astype(jnp.float32),
                        grouped(out).astype(jnp.float32))
-    to_rows = lambda x: jnp.moveaxis(_chunked(x, geo), (4, 5), (2, 3))  # -> [NC, B, K, G, cq, Bq]
-    lse_c = to_rows(jnp.moveaxis(lse, 3, 1))
-    lse_c = jnp.where(jnp.isfinite(lse_c), lse_c, jnp.inf)            # padding / empty rows: p = 0
+    lse_c = _rows_in(jnp.where(jnp.isfinite(lse), lse, jnp.inf), geo)  # empty rows: p = 0
     xs = Chunk(jnp.arange(geo.n_chunks), blk.q, blk.lists, blk.q_seg,
-               _chunked(grouped(dout), geo), to_rows(delta), lse_c)
+               _rows_in(grouped(dout), geo), _rows_in(delta, geo), lse_c)
     zeros = jnp.zeros((b, kh, geo.n_k_blocks, geo.block_k, dh), jnp.float32)
     run = lambda carry, ch: _backward_chunk(carry, ch, blk, geo, static)
     if geo.n_chunks == 1:
@@ -322,7 +399,7 @@ def _backward(q, k, v, lists, q_seg, kv_seg, slopes, out, lse, dout, static: Sta
         dq = dq[None]
     else:
         (dkb, dvb), dq = jax.lax.scan(run, (zeros, zeros), xs)
-    dq = jnp.moveaxis(dq, 0, 1).reshape(b, geo.padded_q_len, kh * g, dh)[:, :t]
+    dq = _rows_out(dq, geo).reshape(b, t, kh * g, dh)
     unblk = lambda x: x.transpose(0, 2, 3, 1, 4).reshape(b, geo.n_k_blocks * geo.block_k, kh, dh)
     s = geo.kv_len
     return dq.astype(q.dtype), unblk(dkb)[:, :s].astype(k.dtype), unblk(dvb)[:, :s].astype(v.dtype)
@@ -338,21 +415,21 @@ def _zero_ct(x):
     return jnp.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, lists, q_seg, kv_seg, slopes, static):
-    return _forward(q, k, v, lists, q_seg, kv_seg, slopes, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _attention(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static):
+    return _forward(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static)[0]
 
 
-def _attention_fwd(q, k, v, lists, q_seg, kv_seg, slopes, static):
-    out, lse = _forward(q, k, v, lists, q_seg, kv_seg, slopes, static)
-    return out, (q, k, v, lists, q_seg, kv_seg, slopes, out, lse)
+def _attention_fwd(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static):
+    out, lse = _forward(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static)
+    return out, (q, k, v, lists, q_seg, kv_seg, slopes, offsets, out, lse)
 
 
 def _attention_bwd(static, res, dout):
-    q, k, v, lists, q_seg, kv_seg, slopes, out, lse = res
-    dq, dk, dv = _backward(q, k, v, lists, q_seg, kv_seg, slopes, out, lse, dout, static)
+    q, k, v, lists, q_seg, kv_seg, slopes, offsets, out, lse = res
+    dq, dk, dv = _backward(q, k, v, lists, q_seg, kv_seg, slopes, offsets, out, lse, dout, static)
     return (dq, dk, dv, jax.tree.map(_zero_ct, lists), _zero_ct(q_seg), _zero_ct(kv_seg),
-            _zero_ct(slopes))
+            _zero_ct(slopes), jax.tree.map(_zero_ct, offsets))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -395,7 +472,8 @@ def block_sparse_attention(q: Array, k: Array, v: Array, kv_blocks: Array, kv_va
                            rule=None, kv_full: Array | None = None, segment_ids=None,
                            alibi_slopes: Array | None = None, scale: float | None = None,
                            block_q: int = 64, block_k: int = 64, query_chunk: int | None = None,
-                           unroll: int | bool = 1) -> Array:
+                           unroll: int | bool = 1, q_offset: Array | int = 0,
+                           kv_len: Array | int | None = None) -> Array:
     """Softmax attention over the listed key blocks of every query block.
 
     Args:
@@ -414,6 +492,9 @@ def block_sparse_attention(q: Array, k: Array, v: Array, kv_blocks: Array, kv_va
       query_chunk: query tokens processed together, rounded down to whole query blocks
         (at least one); None = all.
       unroll: unroll factor of the slot loop (``True`` unrolls fully).
+      q_offset: position of query 0 (a call into a KV cache; may be traced): the rule and
+        ALiBi see ``q_offset + t``.
+      kv_len: number of valid keys (may be traced); keys at ``s >= kv_len`` are masked.
 
     Returns:
       [B, T, H, Dh] in q.dtype; gradients flow to q, k, v (custom VJP, no T x S state).
@@ -432,4 +513,6 @@ def block_sparse_attention(q: Array, k: Array, v: Array, kv_blocks: Array, kv_va
                                       else segment_ids, t, s)
     cq = nq if query_chunk is None else max(1, min(nq, query_chunk // block_q))
     static = Static(rule, scale, block_q, block_k, cq, unroll)
-    return _attention(q, k, v, lists, q_seg, kv_seg, slopes, static)
+    offsets = Offsets(jnp.asarray(q_offset, jnp.int32),
+                      jnp.asarray(s if kv_len is None else kv_len, jnp.int32))
+    return _attention(q, k, v, lists, q_seg, kv_seg, slopes, offsets, static)

@@ -103,3 +103,53 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
     return block_sparse_attention(q, k, v, idx, valid, rule=Band(causal, window),
                                   segment_ids=segment_ids, alibi_slopes=alibi_slopes, scale=scale,
                                   block_q=bq, block_k=bk, query_chunk=query_chunk, unroll=unroll)
+
+
+def cached_lists(nq: int, nk: int, bq: int, bk: int, q_offset: Array, kv_len: Array,
+                 window: int | None) -> tuple[Array, Array]:
+    """Key blocks each query block of a causal call into a KV cache may see: queries at
+    ``q_offset + t``, keys ``s < kv_len`` (both traced). ``(idx, valid)`` [nq, count]:
+    ``count`` is static (every cache block without a window, the window's trip count with
+    one); blocks past ``kv_len`` or the diagonal are invalid, so the engine skips them."""
+    q_first = q_offset + jnp.arange(nq, dtype=jnp.int32) * bq          # [nq]
+    last = jnp.minimum((q_first + bq - 1) // bk, (kv_len - 1) // bk)
+    if window is None:
+        first, count = jnp.zeros_like(q_first), nk
+    else:
+        first = jnp.maximum(q_first - (window - 1), 0) // bk
+        count = min(nk, (bq - 1 + window - 1) // bk + 2)
+    idx = first[:, None] + jnp.arange(count, dtype=jnp.int32)
+    return idx, (idx <= last[:, None]) & (idx < nk)
+
+
+def cached_attention(q: Array, ck: Array, cv: Array, q_offset: Array, kv_len: Array, *,
+                     window: int | None = None, alibi_slopes: Array | None = None,
+                     scale: float | None = None, block_q: int = 128, block_k: int = 128,
+                     query_chunk: int | None = 1) -> Array:
+    """Causal attention of T new queries against a KV cache, blockwise (prefill, chunked
+    prefill and token-by-token decode of ``attn_impl="blockwise"`` and the kernels).
+
+    Args:
+      q: [B, T, H, Dh] queries at positions ``q_offset + arange(T)``.
+      ck, cv: [B, S, K, Dh] the cache (S = max_len), valid up to ``kv_len``.
+      q_offset, kv_len: int32 scalars (traced).
+      window, alibi_slopes, scale, block_q, block_k, query_chunk: as in
+        :func:`blockwise_attention`.
+
+    Returns:
+      [B, T, H, Dh]; the values of ``reference_attention(q, ck, cv, causal=True,
+      q_offset=q_offset, kv_len=kv_len, ...)``. Only key blocks below ``kv_len`` and the
+      diagonal are computed (``lax.cond`` skips the rest), so prefilling T tokens into an
+      empty cache costs what ``blockwise_attention`` on those T tokens costs, and a decode
+      step reads the filled part of the cache only.
+    """
+    if q.shape[2] % ck.shape[2]:
+        raise ValueError(f"q heads H={q.shape[2]} must be a multiple of kv heads K={ck.shape[2]}")
+    t, s = q.shape[1], ck.shape[1]
+    bq, bk = min(block_q, t), min(block_k, s)
+    q_offset, kv_len = jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_len, jnp.int32)
+    idx, valid = cached_lists(-(-t // bq), -(-s // bk), bq, bk, q_offset, kv_len, window)
+    return block_sparse_attention(q, ck, cv, idx, valid, rule=Band(True, window),
+                                  alibi_slopes=alibi_slopes, scale=scale, block_q=bq,
+                                  block_k=bk, query_chunk=query_chunk, q_offset=q_offset,
+                                  kv_len=kv_len)

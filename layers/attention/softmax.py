@@ -11,19 +11,22 @@ the pattern mixers (``layers.attention.sparse``) and the sliding window
 
 Implementations of :class:`AttentionConfig` (``attn_impl``), all with the same semantics:
 
-* ``"dense"``: XLA einsums with a structured mask (``pallas_kernels.reference_attention``);
-  materializes [B, H, T, S] scores -- the reference.
+* ``"dense"``: masked softmax over materialized [B, H, T, S] scores, fused for XLA
+  (``layers.attention.dense``; fastest for short sequences and decode). The oracle every
+  path is tested against is ``pallas_kernels.reference_attention``.
 * ``"blockwise"``: pure-JAX online softmax over key blocks with a custom VJP
   (``layers.attention.blockwise``): O(T * block) memory in forward and backward.
 * the kernel names of ``pallas_kernels.flash_attention(impl=...)`` (:data:`KERNEL_IMPLS`):
   the call goes to that dispatcher, which says where each kernel runs (``"pallas"``:
   Triton-lowered on GPU, interpret mode on CPU). ALiBi is not supported by the kernels.
 
-Decoding (a call with ``cache=``) always uses the dense path over the cache: T new
-queries against ``max_len`` keys with ``q_offset = cache.index`` and ``kv_len =
-index + T``. The KV cache is full-length even with a window (decode memory grows with
-context, which is what ``state_size`` reports; the ``sliding_window`` mixer keeps a
-ring of W slots instead). K/V are kept with K kv heads; queries are grouped
+Calls with ``cache=`` (prefill, chunked prefill, decode): T new queries against the
+``max_len``-slot cache with ``q_offset = cache.index`` and ``kv_len = index + T``;
+``"dense"`` runs the fused dense path over the cache, every other impl
+``layers.attention.blockwise.cached_attention`` (blockwise over the filled key blocks up
+to the diagonal; the kernels have no cache offsets). The KV cache is full-length even
+with a window (decode memory grows with context, which is what ``state_size`` reports;
+the ``sliding_window`` mixer keeps a ring of W slots instead). K/V are kept with K kv heads; queries are grouped
 ``[B, T, K, G, Dh]`` so K/V are never repeated per query head.
 """
 
@@ -36,7 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.attention.blockwise import blockwise_attention
+from layers.attention.blockwise import blockwise_attention, cached_attention
+from layers.attention.dense import dense_attention
 from layers.contracts import MixerConfig, nbytes, no_aux, one_of, positive
 from layers.heads import HeadsConfig, project_heads, project_out
 from layers.positions import RopeConfig, alibi_slopes, apply_rope, apply_xpos
@@ -44,7 +48,6 @@ from layers.sharding import batch_mesh, shard_attention
 from layers.typing import Array, DType
 from pallas_kernels.attention.ops import IMPLS as DISPATCH_IMPLS
 from pallas_kernels.attention.ops import flash_attention
-from pallas_kernels.attention.reference import reference_attention
 
 # The kernels of pallas_kernels.flash_attention(impl=...) (its "xla" path is "dense" here).
 KERNEL_IMPLS = tuple(i for i in DISPATCH_IMPLS if i != "xla")
@@ -163,12 +166,19 @@ class AttentionConfig(AttentionBase):
             if mesh is not None:
                 return shard_attention(kernel, q, k, v, segment_ids, mesh)
             return kernel(q, k, v, segment_ids)
-        return reference_attention(q, k, v, causal=self.causal, window=self.window,
-                                   segment_ids=segment_ids, alibi_slopes=slopes)
+        return dense_attention(q, k, v, causal=self.causal, window=self.window,
+                               segment_ids=segment_ids, alibi_slopes=slopes)
 
     def decode_attend(self, q, ck, cv, q_offset, kv_len, slopes):
-        return reference_attention(q, ck, cv, causal=True, window=self.window, q_offset=q_offset,
+        """Prefill / decode into the cache: ``"dense"`` computes the fused dense path over
+        the cache; every other impl the blockwise cache path, which visits only the filled
+        blocks up to the diagonal (the kernels take no cache offsets)."""
+        if self.attn_impl == "dense":
+            return dense_attention(q, ck, cv, causal=True, window=self.window, q_offset=q_offset,
                                    kv_len=kv_len, alibi_slopes=slopes)
+        return cached_attention(q, ck, cv, q_offset, kv_len, window=self.window,
+                                alibi_slopes=slopes, block_q=self.block_q, block_k=self.block_k,
+                                query_chunk=self.query_chunk)
 
 
 class Attention(nn.Module):

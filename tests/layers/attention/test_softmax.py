@@ -1,5 +1,6 @@
-"""Attention: blockwise == dense (values, gradients), GQA == MHA with repeated K/V,
-masked rows, the module's decode path, and configuration errors."""
+"""Attention: blockwise and the fused dense path == the reference (values, gradients),
+calls into a KV cache (q_offset / kv_len) == the reference, GQA == MHA with repeated
+K/V, masked rows, the module's decode path, and configuration errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from layers.attention import AttentionConfig
-from layers.attention.blockwise import blockwise_attention
+from layers.attention.blockwise import blockwise_attention, cached_attention
+from layers.attention.dense import dense_attention
 from layers.positions import alibi_slopes
 from pallas_kernels.attention.reference import reference_attention
 from tests.helpers import normal, rel_rms
@@ -27,14 +29,18 @@ def _inputs(b, t, h, k, d, dtype, seed=0):
             normal(seed + 2, (b, t, k, d), dtype))
 
 
+@pytest.mark.parametrize("path", ["blockwise", "dense"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_blockwise_equals_dense_values_and_grads(case):
+def test_fast_paths_equal_reference_values_and_grads(case, path):
     b, t, h, k, d, causal, window, seg, ali, dtype, bq, bk = CASES[case]
     q, kk, v = _inputs(b, t, h, k, d, dtype)
     sid = (jnp.arange(t)[None, :] >= t // 3).astype(jnp.int32).repeat(b, 0) if seg else None
     slopes = alibi_slopes(h) if ali else None
     kw = dict(causal=causal, window=window, segment_ids=sid, alibi_slopes=slopes)
-    fast = lambda q, k, v: blockwise_attention(q, k, v, block_q=bq, block_k=bk, **kw)
+    if path == "blockwise":
+        fast = lambda q, k, v: blockwise_attention(q, k, v, block_q=bq, block_k=bk, **kw)
+    else:
+        fast = lambda q, k, v: dense_attention(q, k, v, **kw)
     ref = lambda q, k, v: reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                               v.astype(jnp.float32), **kw)
     w = normal(9, q.shape)
@@ -72,7 +78,8 @@ def test_fully_masked_rows_are_zero_not_nan():
     q, k, v = _inputs(1, 16, 2, 2, 8, jnp.float32, seed=5)
     q_seg = jnp.array([[0] * 8 + [2] * 8])  # segment 2 has no keys
     kv_seg = jnp.zeros((1, 16), jnp.int32)
-    for fn in (reference_attention, lambda *a, **kw: blockwise_attention(*a, block_q=8, block_k=8, **kw)):
+    for fn in (reference_attention, dense_attention,
+               lambda *a, **kw: blockwise_attention(*a, block_q=8, block_k=8, **kw)):
         f = lambda q: fn(q, k, v, causal=False, segment_ids=(q_seg, kv_seg))
         out, g = jax.jit(lambda q: (f(q), jax.grad(lambda q: f(q).sum())(q)))(q)
         assert np.all(np.isfinite(np.asarray(out)))
@@ -81,9 +88,49 @@ def test_fully_masked_rows_are_zero_not_nan():
         assert np.all(np.isfinite(np.asarray(g)))
 
 
+CACHE_CASES = {
+    # id: (T new queries, S cache slots, q_offset, window, alibi, block_q, block_k)
+    "prefill-empty-T13": (13, 40, 0, None, False, 4, 8),
+    "chunk-mid-cache-window-alibi": (7, 33, 10, 5, True, 4, 8),
+    "decode-T1": (1, 40, 17, None, False, 128, 8),
+    "decode-T1-last-slot-window": (1, 64, 63, 7, True, 1, 16),
+    "prefill-one-block": (16, 64, 0, None, False, 16, 16),
+}
+
+
+@pytest.mark.parametrize("path", ["blockwise", "dense"])
+@pytest.mark.parametrize("case", list(CACHE_CASES), ids=list(CACHE_CASES))
+def test_calls_into_a_cache_equal_reference_values_and_grads(case, path):
+    """T queries at q_offset against a cache filled up to kv_len = q_offset + T (the
+    prefill / decode calls of the layer), unfilled slots holding garbage."""
+    t, s, off, window, ali, bq, bk = CACHE_CASES[case]
+    q = normal(20, (2, t, 6, 8))
+    ck, cv = normal(21, (2, s, 2, 8)), normal(22, (2, s, 2, 8))
+    slopes = alibi_slopes(6) if ali else None
+    kv_len = off + t
+    if path == "blockwise":
+        fast = lambda q, k, v: cached_attention(q, k, v, jnp.int32(off), jnp.int32(kv_len),
+                                                window=window, alibi_slopes=slopes,
+                                                block_q=bq, block_k=bk)
+    else:
+        fast = lambda q, k, v: dense_attention(q, k, v, window=window, alibi_slopes=slopes,
+                                               q_offset=jnp.int32(off), kv_len=jnp.int32(kv_len))
+    ref = lambda q, k, v: reference_attention(q, k, v, window=window, alibi_slopes=slopes,
+                                              q_offset=off, kv_len=kv_len)
+    w = normal(23, q.shape)
+    grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, ck, cv)
+    out, out_ref, g_fast, g_ref = jax.jit(
+        lambda: (fast(q, ck, cv), ref(q, ck, cv), grads(fast), grads(ref)))()
+    assert rel_rms(out, out_ref) < 1e-5
+    for gf, gr in zip(g_fast, g_ref):
+        assert rel_rms(gf, gr) < 1e-5
+    assert np.all(np.asarray(g_fast[1])[:, kv_len:] == 0)  # unfilled slots get no gradient
+
+
 @pytest.mark.parametrize("attn_impl,window,position", [("dense", None, "rope"),
+                                                      ("blockwise", None, "rope"),
                                                       ("blockwise", 7, "alibi")],
-                         ids=["dense-rope", "blockwise-window-alibi"])
+                         ids=["dense-rope", "blockwise-rope", "blockwise-window-alibi"])
 def test_attention_module_prefill_decode_equals_parallel(attn_impl, window, position):
     cfg = AttentionConfig(n_heads=4, n_kv_heads=2, attn_impl=attn_impl, window=window,
                           position=position, block_q=8, block_k=8)
