@@ -22,10 +22,20 @@ Algorithm (online softmax, FlashAttention-2 style, in ``lax`` loops):
   (``lax.map`` over chunks; one block per chunk is the classic loop, all blocks is
   fully vectorized); inside a chunk a ``lax.scan`` over the ``n`` slots gathers one
   key block per query block and updates the running max ``m``, normalizer ``l`` and
-  output; slots invalid for the whole chunk are skipped with ``lax.cond``. Saved: out, lse.
+  output. Each slot is one of three kinds (``lax.switch``): invalid for the whole chunk
+  (skipped), visible whole (the rule's ``block_visible``, e.g. blocks strictly below the
+  causal diagonal, or ``full``; no padding, no segment ids: no mask is built or applied),
+  or masked. Saved: out, lse.
 * backward (``jax.custom_vjp``): one pass in the same order recomputes
   ``p = exp(s - lse)``, accumulates dQ per chunk and scatter-adds dK, dV into the
   gathered blocks (``delta = rowsum(dO * O)``).
+
+Layout: queries are kept as ``[B, K, cq, G, Bq, Dh]`` so that the G grouped heads' rows
+of a query block form one contiguous ``[G*Bq, Dh]`` matrix per kv head, and every matmul
+is a ``dot_general`` in canonical (batch, rows, columns) order: XLA:CPU then needs no
+transposes of the ``[G*Bq, Bk]`` score blocks (with an einsum-ordered layout it copied
+each score and probability block, which cost more than the matmuls). Calls into a KV
+cache pass ``q_offset`` and ``kv_len`` (traced scalars, see ``Offsets``).
 
 Work and memory are ``O(T * n * Bk)``: no ``T x S`` score matrix or mask is ever
 formed. Rows with no visible key return zeros (as ``reference_attention``). GQA:

@@ -14,8 +14,10 @@ Alg. 1-2), written with ``lax`` loops instead of a kernel:
 The loops are those of the block-sparse engine (``layers.attention.block_sparse``):
 this module only builds the band-shaped list of key blocks per query block (causal
 and/or sliding window) and calls the engine, by default one query block at a time.
-It is the training/prefill path of ``attn_impl="blockwise"`` and of every causal or
-windowed part of the pattern mixers (sliding window, Sparse Transformer, ...).
+It is the training path of ``attn_impl="blockwise"`` and of every causal or windowed
+part of the pattern mixers (sliding window, Sparse Transformer, ...);
+:func:`cached_attention` is the same engine for calls into a KV cache (prefill, chunked
+prefill, decode), with key-block lists computed from the traced cache index.
 
 Only key blocks that the mask can reach are visited: with a sliding window the
 inner loop has a *fixed* trip count ``ceil((block_q + W - 1) / block_k) + 1``, so
