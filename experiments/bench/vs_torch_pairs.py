@@ -54,7 +54,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 MODELS = {   # what FAMILIES builds, for the report
-    "llama": f"D{D_MODEL} L{N_LAYERS} H8 K2 (GQA) F{_LLAMA['intermediate_size']}, RoPE theta 5e5, untied head",
+    "llama": (f"D{D_MODEL} L{N_LAYERS} H8 K2 (GQA) F{_LLAMA['intermediate_size']}, "
+              "RoPE theta 5e5, untied head"),
     "mixtral": f"D{D_MODEL} L{N_LAYERS} H8 K2, 8 experts top-2 F512, RoPE theta 5e5, untied head",
     "mamba": f"D{D_MODEL} L{N_LAYERS} N16 expand 2, tied head",
     "mamba2": f"D{D_MODEL} L{N_LAYERS} head_dim 64 N64 n_groups 1 expand 2 chunk_size 256, untied head",
@@ -222,11 +223,13 @@ def _difference(gen: Callable[[int], Any]) -> Callable[[], float]:
     return measure
 
 
-def dropped_fraction(model, variables: dict, tokens: np.ndarray) -> float | None:
-    """Mean over layers of the MoE ``moe_dropped`` metric on ``tokens`` (None if no MoE)."""
+def dropped_fraction(model, variables: dict, tokens: np.ndarray) -> list[float] | None:
+    """Per layer, the MoE ``moe_dropped`` metric (fraction of selected assignments dropped)
+    on ``tokens``; None if the model reports none."""
     aux = jax.jit(lambda v, x: model.apply(v, x)[1])(variables, jnp.asarray(tokens))
-    vals = [np.mean(np.asarray(v)) for k, v in aux["metrics"].items() if k.startswith("moe_dropped")]
-    return float(np.mean(vals)) if vals else None
+    vals = [np.asarray(v, np.float64).reshape(-1) for k, v in sorted(aux["metrics"].items())
+            if k.startswith("moe_dropped")]
+    return [float(f) for f in np.concatenate(vals)] if vals else None
 
 
 def n_params(tree) -> int:

@@ -93,7 +93,8 @@ def test_next_token_loss_is_mean_shifted_cross_entropy():
     tokens = rng.integers(0, 7, (2, 5)).astype(np.int32)
     logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
     want = -np.mean(np.take_along_axis(logp, tokens[:, 1:, None], -1))
-    assert float(P.next_token_loss(jnp.asarray(logits), jnp.asarray(tokens))) == pytest.approx(want, rel=1e-5)
+    got = float(P.next_token_loss(jnp.asarray(logits), jnp.asarray(tokens)))
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", list(P.PAIRS))
