@@ -1,21 +1,31 @@
-"""`archlab bench moe`: MoE layer forward+backward time and FLOPs vs a dense SwiGLU FFN
-with the same ACTIVE parameters (hidden width ``k * F``), for E experts and top-k.
+"""`archlab bench moe`: MoE layer time, FLOPs and memory per token, forward and train, per
+dispatch, vs a dense SwiGLU FFN with the same ACTIVE parameters (hidden width ``k * F``),
+for E experts and top-k.
 
-Paths: ``capacity`` (sort + [E, C, D] buffers + batched matmuls + scatter),
-``dropless`` (sort + ``pallas_kernels.grouped_matmul``; its XLA scan on CPU), ``onehot`` (GShard
-einsum dispatch). Each row is the whole MoE layer (router, routing, dispatch), timed
-as ``jit(value_and_grad)`` of ``sum(y * cotangent)`` w.r.t. the input and every
-parameter.
-FLOPs are XLA's cost analysis of that compiled function; XLA counts a loop body once,
-so ``dropless`` (a ``lax.scan``) is undercounted there and ``flops_model`` gives the
-analytic matmul FLOPs of each path (6 matmuls per SwiGLU x 3 for fwd+bwd).
+Paths (layers/moe/dispatch.py): ``capacity`` (per-sequence sort + ``[E, Cap, D]`` buffers
++ batched matmuls + scatter; drops past Cap), ``dropless`` (exact; on CPU its XLA
+formulation: buffers at the mean expert load plus the overflow in a loop of single-expert
+tiles, layers/moe/overflow.py; on TPU/GPU sort + Pallas grouped matmuls), ``onehot``
+(GShard einsum dispatch) and ``dense`` (every expert on every token: the reference, E
+times the active FLOPs). Each row is the whole MoE layer (router, routing, dispatch):
+``fwd`` is the jitted forward, ``train`` is ``jit(value_and_grad)`` of
+``sum(y * cotangent)`` w.r.t. the input and every parameter.
+
+Columns: ``fwd_ms``/``train_ms`` (medians), ``x_train`` (train time / dense-active's),
+``mflop_tok_fwd``/``mflop_tok_train``: analytic matmul FLOPs per token (the expert rows
+each path computes x 6 D F, plus the router; train = 3x forward; dense-active's FFN
+``6 D k F``; ``dropless`` counts its buffers plus the overflow tiles of this run's
+routing, read from the layer's ``moe_load``), ``gflop_xla_train``: XLA's cost analysis
+(it counts a loop body once, so it undercounts ``dropless``), ``kib_tok_fwd``/
+``kib_tok_train``: XLA's compiled temp bytes per token, ``dropped``: share of the
+selected assignments not computed.
 
 Variants of one (E, k) are timed in alternating rounds (median of ``--repeats``), so
-slow drifts of background load affect them alike. Targets (CPU): capacity time <= 1.5x
-dense-active; capacity FLOPs <= capacity_factor * 1.05 x dense-active.
+slow drifts of background load affect them alike. Targets (CPU): capacity train time
+<= 1.5x dense-active; dropless faster than capacity when routing is balanced.
 
-  archlab bench moe [--tokens 2048] [--seq 1024] [--d-model 256] [--hidden 512]
-                    [--experts 8,64] [--topk 1,2,8] [--paths capacity,dropless,onehot]
+  archlab bench moe [--tokens 2048] [--seq 512] [--d-model 256] [--hidden 512]
+                    [--experts 8,64] [--topk 1,2,8] [--paths capacity,dropless,onehot,dense]
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.bench.common import (compile_fn, compiled_stats, markdown_table, print_header,
                                       write_results)
@@ -33,11 +44,12 @@ from layers.ffn import FFNConfig
 from layers.moe import MoEConfig
 from layers.moe.dispatch import expert_capacity
 
-PATHS = ("capacity", "dropless", "onehot")
+PATHS = ("capacity", "dropless", "onehot", "dense")
+MODES = ("fwd", "train")
 
 
-def _grad_fn(module, x):
-    """Compiled fwd+bwd of ``module`` and its arguments."""
+def _compiled(module, x) -> dict:
+    """Compiled forward and train step of ``module``, their arguments and the layer's aux."""
     params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
     cot = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
 
@@ -45,26 +57,48 @@ def _grad_fn(module, x):
         y, _, aux = module.apply(p, x)
         return jnp.sum(y * cot) + sum(jnp.sum(v) for v in aux.get("losses", {}).values())
 
-    fn = jax.value_and_grad(loss, argnums=(0, 1))
-    compiled, compile_s = compile_fn(fn, params, x, cot)
-    return compiled, (params, x, cot), compile_s
+    fwd, fwd_s = compile_fn(lambda p, x: module.apply(p, x)[0], params, x)
+    train, train_s = compile_fn(jax.value_and_grad(loss, argnums=(0, 1)), params, x, cot)
+    aux = jax.jit(lambda p, x: module.apply(p, x)[2])(params, x)
+    return {"fwd": (fwd, (params, x)), "train": (train, (params, x, cot)),
+            "compile_s": fwd_s + train_s, "aux": aux}
 
 
-def _model_flops(path: str, n: int, seq: int, d: int, f: int, e: int, k: int, cf: float) -> float:
-    """Analytic fwd+bwd matmul FLOPs: 3 SwiGLU matmuls of rows x d x f, times 2 (mul-add) x 3."""
-    n_seqs = n // seq                                      # sequences (capacity is per sequence)
+def _overflow_rows(counts: np.ndarray, cap: int) -> int:
+    """Rows the dropless overflow loop computes for per-expert ``counts`` past ``cap``."""
+    from layers.moe.overflow import TILE_SIZES
+    rows = 0
+    for c in counts:
+        rest = max(int(c) - cap, 0)
+        for i, (bm, _) in enumerate(TILE_SIZES):
+            last = i == len(TILE_SIZES) - 1
+            n = -(-rest // bm) if last else rest // bm
+            rows, rest = rows + n * bm, rest - min(rest, n * bm)
+    return rows
+
+
+def _expert_rows(path: str, n: int, seq: int, e: int, k: int, cf: float, aux) -> float:
+    """Expert rows (token copies) each path multiplies by the expert weights."""
     if path == "dense":
-        rows, width = n, k * f
-    elif path == "dropless":
-        rows, width = n * k, f
-    else:
-        rows, width = n_seqs * e * expert_capacity(seq, e, k, cf), f
-    flops = 3 * 2 * rows * d * width * 3
-    if path != "dense":
-        flops += 2 * n * d * e * 3                           # router
+        return n * e
+    if path == "dropless" and jax.default_backend() != "cpu":
+        return n * k                                                # sorted grouped matmuls
+    if path == "dropless":  # the XLA formulation: buffers at the mean load + overflow tiles
+        cap = expert_capacity(n, e, k, 1.0)
+        counts = np.round(np.asarray(aux["metrics"]["moe_load"]) * n * k)
+        return e * cap + _overflow_rows(counts, cap)
+    return (n // seq) * e * expert_capacity(seq, e, k, cf)          # capacity, onehot
+
+
+def _model_flops(path: str, n: int, seq: int, d: int, f: int, e: int, k: int, cf: float,
+                 aux) -> float:
+    """Analytic forward matmul FLOPs (3 SwiGLU matmuls of rows x d x f, 2 per mul-add)."""
+    if path == "dense-active":
+        return 3 * 2 * n * d * k * f
+    flops = 3 * 2 * _expert_rows(path, n, seq, e, k, cf, aux) * d * f + 2 * n * d * e  # + router
     if path == "onehot":
         cap = expert_capacity(seq, e, k, cf)
-        flops += 2 * 2 * n_seqs * seq * e * cap * d * 3        # dispatch + combine einsums
+        flops += 2 * 2 * n * e * cap * d                 # dispatch + combine einsums
     return float(flops)
 
 
@@ -82,40 +116,56 @@ def _interleaved_times(fns: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def run(args) -> list[dict]:
+def _block(args, x, e: int, k: int) -> list[dict]:
+    """Rows of one (E, k): every path and dense-active, both modes."""
     d, f, n, seq, cf = args.d_model, args.hidden, args.tokens, args.seq, args.capacity_factor
-    if n % seq:
-        raise ValueError(f"--tokens={n} must be a multiple of --seq={seq}")
-    x = jax.random.normal(jax.random.PRNGKey(2), (n // seq, seq, d), jnp.float32)
+    modules = {"dense-active": FFNConfig(activation="swiglu", hidden=k * f)}
+    for path in args.paths:
+        modules[path] = MoEConfig(n_experts=e, top_k=k, hidden=f, dispatch=path,
+                                  capacity_factor=cf, expert_parallel=False)
+        modules[path].validate(d)
+    built = {name: _compiled(m.make(d, jnp.float32, jnp.float32), x)
+             for name, m in modules.items()}
+    times = {mode: dict(zip(built, _interleaved_times([b[mode] for b in built.values()],
+                                                      args.repeats)))
+             for mode in MODES}
     rows = []
-    for e in args.experts:
-        for k in args.topk:
-            if k > e:
-                continue
-            modules = {"dense-active": FFNConfig(activation="swiglu", hidden=k * f)}
-            for path in args.paths:
-                modules[path] = MoEConfig(n_experts=e, top_k=k, hidden=f, dispatch=path,
-                                          capacity_factor=cf, expert_parallel=False)
-                modules[path].validate(d)
-            built = {name: _grad_fn(m.make(d, jnp.float32, jnp.float32), x)
-                     for name, m in modules.items()}
-            times = _interleaved_times([(c, a) for c, a, _ in built.values()], args.repeats)
-            base_t, base_flops = times[0], compiled_stats(built["dense-active"][0])["flops"]
-            for (name, (compiled, _, cs)), t in zip(built.items(), times):
-                st = compiled_stats(compiled)
-                model_path = "dense" if name == "dense-active" else name
-                rows.append({"E": e, "k": k, "path": name, "ms": t * 1e3, "x_time": t / base_t,
-                             "gflops_xla": st["flops"] / 1e9, "x_flops": st["flops"] / base_flops,
-                             "gflops_model": _model_flops(model_path, n, seq, d, f, e, k, cf) / 1e9,
-                             "compile_s": cs, "peak": st["peak_bytes"] / 2**20})
-                print(rows[-1], flush=True)
+    for name, b in built.items():
+        st = {mode: compiled_stats(b[mode][0]) for mode in MODES}
+        flops = _model_flops(name, n, seq, d, f, e, k, cf, b["aux"])
+        metrics = b["aux"].get("metrics", {}) if isinstance(b["aux"], dict) else {}
+        rows.append({
+            "E": e, "k": k, "path": name,
+            "fwd_ms": times["fwd"][name] * 1e3, "train_ms": times["train"][name] * 1e3,
+            "x_train": times["train"][name] / times["train"]["dense-active"],
+            "mflop_tok_fwd": flops / n / 1e6, "mflop_tok_train": 3 * flops / n / 1e6,
+            "gflop_xla_train": st["train"]["flops"] / 1e9,
+            "kib_tok_fwd": st["fwd"]["temp_bytes"] / n / 1024,
+            "kib_tok_train": st["train"]["temp_bytes"] / n / 1024,
+            "dropped": float(metrics.get("moe_dropped", 0.0)), "compile_s": b["compile_s"]})
+        print(rows[-1], flush=True)
     return rows
+
+
+def run(args) -> list[dict]:
+    if args.tokens % args.seq:
+        raise ValueError(f"--tokens={args.tokens} must be a multiple of --seq={args.seq}")
+    x = jax.random.normal(jax.random.PRNGKey(2), (args.tokens // args.seq, args.seq,
+                                                  args.d_model), jnp.float32)
+    return [row for e in args.experts for k in args.topk if k <= e
+            for row in _block(args, x, e, k)]
+
+
+COLUMNS = ["E", "k", "path", "fwd_ms", "train_ms", "x_train", "mflop_tok_fwd",
+           "mflop_tok_train", "gflop_xla_train", "kib_tok_fwd", "kib_tok_train", "dropped",
+           "compile_s"]
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="archlab bench moe", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="tokens per call (B * T)")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length T (capacity is per sequence)")
+    p.add_argument("--seq", type=int, default=512,
+                   help="sequence length T (capacity is per sequence)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512, help="expert width F")
     p.add_argument("--experts", type=lambda s: [int(v) for v in s.split(",")], default=[8, 64])
@@ -128,12 +178,11 @@ def main(argv: list[str]) -> int:
     for path in args.paths:
         if path not in PATHS:
             raise ValueError(f"--paths: {path!r} is not one of {list(PATHS)}")
-    print_header(f"moe: fwd+bwd, tokens={args.tokens} (T={args.seq}), D={args.d_model}, "
-                 f"F={args.hidden}, capacity_factor={args.capacity_factor}")
+    print_header(f"moe: forward and train (fwd+bwd), tokens={args.tokens} (T={args.seq}), "
+                 f"D={args.d_model}, F={args.hidden}, capacity_factor={args.capacity_factor}")
     rows = run(args)
-    cols = ["E", "k", "path", "ms", "x_time", "gflops_xla", "x_flops", "gflops_model", "compile_s",
-            "peak"]
-    print(markdown_table(rows, cols))
-    print("x_time / x_flops: ratio to dense-active in the same (E, k) block; peak: MiB (XLA estimate)")
+    print(markdown_table(rows, COLUMNS))
+    print("x_train: train time / dense-active's in the same (E, k) block; mflop_tok: analytic "
+          "matmul FLOPs per token; kib_tok: XLA compiled temp bytes per token")
     print("wrote", write_results("moe", rows, args.out, extra={"args": vars(args)}))
     return 0

@@ -28,9 +28,25 @@ axis ``j`` and the capacity axis ``p``.
   The same plan format serves expert choice (:func:`expert_choice_plan`) and the
   expert-parallel path (layers/moe/expert_parallel.py), which replaces the local
   expert matmul by all-to-all + local experts + all-to-all.
-* (c) dropless (:func:`dropless_moe`): all M*k assignments sorted by expert, then
-  ``pallas_kernels.grouped_matmul`` grouped matmuls on the sorted rows; nothing is
-  dropped. (``jax.lax.ragged_dot`` is not used: on CPU it computes every expert.)
+* (c) dropless (:func:`dropless_moe`): nothing is dropped. How depends on ``gmm_impl``:
+
+  - a kernel (``"pallas_*"``, ``"tokamax"``; the TPU/GPU default):
+    :func:`sorted_dropless_moe`, all M*k assignments sorted by expert and three
+    ``pallas_kernels.gmm`` grouped matmuls on the sorted rows.
+  - ``"xla"`` (the CPU default): :func:`buffered_dropless_moe`, the capacity path (b)
+    over all M rows with ``Cap`` = the mean expert load ``ceil(M k / E)`` (one batched
+    matmul per weight over ``[E, Cap, D]``), plus the assignments past an expert's
+    ``Cap`` -- exactly those (b) would drop -- run by layers/moe/overflow.py in a loop
+    over row tiles of one expert. Why on CPU: XLA:CPU runs one big batched matmul
+    near its peak, while small matmuls in a loop run at roughly half the speed per FLOP
+    and any static tiling of ragged groups costs ``M k + E * tile`` rows whatever the
+    routing (a batched matmul over tiles with per-tile gathered weights measured
+    1.1-1.8x slower than the buffers); ``jax.lax.ragged_dot`` lowers on CPU to a dense
+    matmul against every expert. FLOPs ``6 D F (E Cap + sum of the overflow tiles)``
+    -- about ``6 D F M k`` plus a few partly filled tiles for balanced routing (vs
+    ``capacity_factor`` times that for (b)), and at most ``E - 1`` extra buffers' worth
+    when one expert takes everything; memory: the ``[E, Cap, *]`` buffers plus the
+    loop's saved pre-activations ``[M k, 2F]`` (train).
 * (d) one-hot (:func:`onehot_moe`): the GShard formulation (Lepikhin et al. 2020):
   slot positions from a cumulative sum over one-hot assignments, dispatch/combine
   tensors ``[B, T, E, Cap]`` and einsums. Same drops as (b); O(T * E * Cap) memory and
@@ -84,6 +100,34 @@ def priority_order(weights: Array, priority: str) -> Array:
     raise ValueError(f"priority={priority!r} is not allowed; choose one of {list(PRIORITIES)}")
 
 
+class Sorted(NamedTuple):
+    """Assignments of one sequence (or of all M rows) sorted by expert, then priority.
+
+    order: [A] assignment ids ``a = t * k + j`` (A = T * k), invalid ones last.
+    expert: [A] expert of each sorted assignment (``E`` = invalid).
+    starts, ends: [E] each expert's run ``order[starts[e]:ends[e]]``.
+    """
+    order: Array
+    expert: Array
+    starts: Array
+    ends: Array
+
+
+def sort_assignments(experts: Array, weights: Array, n_experts: int,
+                     priority: str = "position", valid: Array | None = None) -> Sorted:
+    """:class:`Sorted` of token choice ``experts``, ``weights`` [T, k] (``valid`` [T, k]:
+    only those count; priority: one of PRIORITIES, see the module docstring)."""
+    e = n_experts
+    flat_e = experts.reshape(-1)
+    if valid is not None:
+        flat_e = jnp.where(valid.reshape(-1), flat_e, e)                # invalid -> sentinel E
+    perm = priority_order(weights, priority)                            # [T*k] by priority
+    order = perm[jnp.argsort(flat_e[perm], stable=True)]                # by expert, then priority
+    counts = jnp.zeros((e + 1,), jnp.int32).at[flat_e].add(1)[:e]
+    ends = jnp.cumsum(counts)
+    return Sorted(order.astype(jnp.int32), flat_e[order], ends - counts, ends)
+
+
 def capacity_plan(experts: Array, weights: Array, n_experts: int, capacity: int,
                   priority: str = "position", valid: Array | None = None) -> Plan:
     """Sort-based capacity plan for one sequence.
@@ -94,25 +138,22 @@ def capacity_plan(experts: Array, weights: Array, n_experts: int, capacity: int,
       priority: one of PRIORITIES (see the module docstring).
       valid: optional [T, k] bool; invalid assignments are never processed.
     """
-    t, k = experts.shape
-    a, e, cap = t * k, n_experts, capacity
-    flat_e = experts.reshape(-1)
-    if valid is not None:
-        flat_e = jnp.where(valid.reshape(-1), flat_e, e)                # invalid -> sentinel E
-    perm = priority_order(weights, priority)                            # [T*k] by priority
-    order = jnp.argsort(flat_e[perm], stable=True)                      # by expert, then priority
-    sorted_a = perm[order]                                              # assignment ids
-    sorted_e = flat_e[sorted_a]
-    counts = jnp.zeros((e + 1,), jnp.int32).at[flat_e].add(1)
-    starts = jnp.cumsum(counts) - counts
-    pos = jnp.arange(a, dtype=jnp.int32) - starts[sorted_e]             # rank within expert
-    keep = (pos < cap) & (sorted_e < e)
-    slot = jnp.where(keep, sorted_e * cap + pos, e * cap)               # E*Cap = trash slot
-    slot_assign = jnp.full((e * cap + 1,), a, jnp.int32).at[slot].set(sorted_a)[:e * cap]
+    return plan_from_sorted(sort_assignments(experts, weights, n_experts, priority, valid),
+                            weights, capacity)
+
+
+def plan_from_sorted(s: Sorted, weights: Array, capacity: int) -> Plan:
+    """Capacity plan keeping the first ``capacity`` sorted assignments of each expert."""
+    t, k = weights.shape
+    a, e, cap = t * k, s.starts.shape[0], capacity
+    rank = jnp.arange(a, dtype=jnp.int32) - jnp.take(s.starts, s.expert, mode="clip")
+    keep = (rank < cap) & (s.expert < e)
+    slot = jnp.where(keep, s.expert * cap + rank, e * cap)              # E*Cap = trash slot
+    slot_assign = jnp.full((e * cap + 1,), a, jnp.int32).at[slot].set(s.order)[:e * cap]
     slot_token = jnp.where(slot_assign < a, slot_assign // k, t)
     padded = jnp.concatenate([weights.reshape(-1), jnp.zeros((1,), weights.dtype)])  # [T*k + 1]
     slot_weight = padded[slot_assign]
-    kept = jnp.zeros((a,), bool).at[sorted_a].set(keep).reshape(t, k)
+    kept = jnp.zeros((a,), bool).at[s.order].set(keep).reshape(t, k)
     return Plan(slot_token.astype(jnp.int32), slot_weight, kept)
 
 
@@ -156,13 +197,15 @@ def dense_moe(x: Array, combine: Array, w: dict) -> Array:
 
 
 def run_plan(x: Array, slot_token: Array, slot_weight: Array, w: dict, n_experts: int,
-             experts_fn: Callable[[Array, dict], Array] = expert_swiglu) -> Array:
+             experts_fn: Callable[[Array, dict], Array] = expert_swiglu,
+             out_dtype=None) -> Array:
     """Gather -> experts -> weighted scatter-add. x [B, T, D]; slots [B, E*Cap] -> [B, T, D].
 
     The buffers are gathered straight into the expert-major layout ``[E, B*Cap, D]``
     (row ``b*Cap + p`` of expert e is slot p of sequence b), so the experts run as one
     batched matmul with no activation transposes. ``experts_fn(buf [E, rows, D], w) ->
     [E, rows, D]`` (the expert-parallel path swaps in all-to-all around the local experts).
+    ``out_dtype``: of y (None: the dtype of x; the combine accumulates in fp32).
     """
     b, t, d = x.shape
     e = n_experts
@@ -175,17 +218,55 @@ def run_plan(x: Array, slot_token: Array, slot_weight: Array, w: dict, n_experts
     out = experts_fn(x_pad[idx], w)                                              # [E, B*Cap, D]
     out = (out.astype(jnp.float32) * wt.astype(jnp.float32)).reshape(e * b * cap, d)
     y = jnp.zeros((b * t + 1, d), jnp.float32).at[idx.reshape(-1)].add(out)
-    return y[:b * t].reshape(b, t, d).astype(x.dtype)
+    return y[:b * t].reshape(b, t, d).astype(out_dtype or x.dtype)
 
 
 # ----------------------------------------------------------------------------- dropless
 
 def dropless_moe(x: Array, experts: Array, weights: Array, w: dict,
                  gmm_impl: str | None = None) -> Array:
-    """Dropless token choice through ``pallas_kernels.grouped_matmul``.
+    """Dropless token choice. x [M, D]; experts, weights [M, k] -> [M, D].
 
-    x [M, D]; experts, weights [M, k] -> [M, D]. ``gmm_impl`` selects the grouped-matmul
-    implementation (the kernel dispatcher's ``impl``; None: by backend).
+    ``gmm_impl`` (None: by backend) selects the grouped-matmul implementation; the pure-XLA
+    one (``"xla"``, the CPU default) runs as :func:`buffered_dropless_moe`, every other
+    as :func:`sorted_dropless_moe` (see the module docstring).
+    """
+    from pallas_kernels.dispatch import current_backend  # late: kernels are optional
+    from pallas_kernels.grouped_matmul.ops import resolve_impl
+
+    if resolve_impl(gmm_impl, current_backend()) == "xla":
+        return buffered_dropless_moe(x, experts, weights, w)
+    return sorted_dropless_moe(x, experts, weights, w, gmm_impl)
+
+
+def buffered_dropless_moe(x: Array, experts: Array, weights: Array, w: dict,
+                          capacity: int | None = None, tile_sizes: tuple | None = None) -> Array:
+    """Capacity buffers at the mean expert load plus their overflow in a tiled loop (exact).
+
+    x [M, D]; experts, weights [M, k] -> [M, D]. ``capacity``: buffer rows per expert,
+    over all M tokens (None: ``ceil(M k / E)``, the mean load); ``tile_sizes``: the
+    overflow loop's tiles (None: ``overflow.TILE_SIZES``; see ``overflow.tiled_moe``).
+    """
+    from layers.moe.overflow import TILE_SIZES, tiled_moe
+
+    m, k = experts.shape
+    e = w["wi"].shape[0]
+    cap = capacity or expert_capacity(m, e, k, 1.0)
+    s = sort_assignments(experts, weights, e)                          # all M tokens, one sort
+    plan = plan_from_sorted(s, weights, cap)
+    y = run_plan(x[None], plan.slot_token[None], plan.slot_weight[None], w, e,
+                 out_dtype=jnp.float32)[0]
+    overflow = jnp.minimum(s.starts + cap, s.ends)                    # rows past the buffers
+    y = y + tiled_moe(x, weights, w, s.order, overflow, s.ends, tile_sizes or TILE_SIZES)
+    return y.astype(x.dtype)
+
+
+def sorted_dropless_moe(x: Array, experts: Array, weights: Array, w: dict,
+                        gmm_impl: str | None = None) -> Array:
+    """All M*k assignments sorted by expert through three ``pallas_kernels.gmm`` calls.
+
+    x [M, D]; experts, weights [M, k] -> [M, D]. ``gmm_impl``: the kernel dispatcher's
+    ``impl`` (None: by backend).
     """
     from pallas_kernels.grouped_matmul import gmm  # late: kernels are optional at import time
 

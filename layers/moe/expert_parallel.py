@@ -94,8 +94,9 @@ def batch_sharded_dropless(fn, x: Array, experts: Array, weights: Array, w: dict
     Dropless routing treats every token independently, so per-shard results equal the
     global computation exactly. The grouped-matmul kernels are custom calls that GSPMD
     cannot partition (a Mosaic kernel under a sharded ``jit`` fails to compile), so the
-    sort + grouped matmuls run per shard; the expert weights enter replicated (``P()``:
-    FSDP/tensor-sharded weights are all-gathered, as FSDP does for any layer).
+    sort + grouped matmuls (on CPU: the buffers + overflow loop of
+    ``dispatch.buffered_dropless_moe``) run per shard; the expert weights enter replicated
+    (``P()``: FSDP/tensor-sharded weights are all-gathered, as FSDP does for any layer).
     x: [B, T, D]; experts, weights: [B, T, k] -> [B, T, D].
     """
     batch = batch_spec(mesh)
@@ -105,7 +106,7 @@ def batch_sharded_dropless(fn, x: Array, experts: Array, weights: Array, w: dict
         y = fn(x.reshape(b * t, d), e.reshape(b * t, -1), wt.reshape(b * t, -1), w_full)
         return y.reshape(b, t, d)
 
-    # check_vma=False: the kernels' scans start from replicated constants and Pallas calls
+    # check_vma=False: the XLA loops start from replicated constants and Pallas calls
     # do not track varying-manual-axes types; every value here is per-shard by construction.
     return jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, {k: PartitionSpec() for k in w}),
                          out_specs=batch, check_vma=False)(x, experts, weights, w)

@@ -1,10 +1,10 @@
-"""``gmm`` / ``tgmm`` dispatcher and the pure-XLA implementation.
+"""``gmm`` / ``tgmm`` dispatcher.
 
 ``impl`` (the same names as the attention dispatcher):
 
 * ``None``: the best for the backend: ``"pallas_tpu"`` on TPU, ``"pallas_gpu"`` on
   GPU, ``"xla"`` on CPU.
-* ``"xla"``: the tiled scan below, any backend.
+* ``"xla"``: capacity buffers + an overflow loop (``xla.py``), any backend.
 * ``"pallas"``: the current backend's own kernel: ``"pallas_tpu"`` on TPU,
   ``"pallas_gpu"`` on GPU, and on CPU the Triton kernel in the generic Pallas
   interpreter (``"pallas_triton"``).
@@ -27,18 +27,14 @@ compile for TPU or GPU), else ``jax.default_backend()``; backend detection, the
 impl names and the ``interpret`` checks are shared with the attention dispatcher
 (``pallas_kernels.dispatch``).
 
-The XLA path splits the rows into tiles of ``block_m`` (default: about the mean
-group size, a power of two in [16, 128]) and enumerates the
-``(row tile, local group)`` pairs that overlap (at most ``M / block_m + G``, a
-static bound); a ``lax.scan`` over the pairs multiplies one ``[block_m, K]`` tile
-by one ``[K, N]`` expert and adds the group's rows into the output tile. FLOPs are
-``2 (M + G * block_m) K N`` (useful work plus about one tile per group), not the
-``2 G M K N`` of a dense formulation (``gmm_reference``, and ``jax.lax.ragged_dot``
-on backends without a native grouped matmul); memory is the fp32 ``[M, N]``
-accumulator. The steps run sequentially, each a plain matmul. The backward pass
-(``jax.custom_vjp``) is the same scan: ``d lhs`` with ``rhs`` read transposed and
-``d rhs`` accumulated into an fp32 ``[G, K, N]`` carry, so no per-step weights are
-saved for autodiff.
+The XLA path (``xla.py``) runs the first ``Cap`` rows of every group (``Cap``: the
+mean group size) as ONE batched matmul over ``[G, Cap, K]`` buffers and the rows past
+them in a loop over single-group tiles of ``block_m`` rows with a dynamic trip count,
+so FLOPs are about ``2 M K N`` plus a few tiles for balanced groups and at worst
+``2 (M + (G - 1) Cap + block_m) K N``, never the ``2 G M K N`` of a dense formulation
+(``gmm_reference``, and ``jax.lax.ragged_dot`` on CPU, which expands every group).
+Its backward is the same split (``d lhs`` with ``rhs`` read transposed; ``d rhs`` a
+batched matmul over the buffers plus the tiles accumulated in fp32).
 """
 
 from __future__ import annotations
@@ -51,8 +47,7 @@ from pallas_kernels.dispatch import (BEST, IMPLS, OWN, current_backend, tpu_inte
 from pallas_kernels.grouped_matmul.pallas_triton import GmmConfig, gmm_pallas, tgmm_pallas
 from pallas_kernels.grouped_matmul.pallas_tpu import (TpuGmmConfig, check_blocks, gmm_tpu,
                                                       tgmm_tpu)
-from pallas_kernels.grouped_matmul.reference import (grouped_vjp, local_bounds,
-                                                     tile_group_range)
+from pallas_kernels.grouped_matmul.xla import gmm_xla, tgmm_xla
 
 Array = jax.Array
 # what each backend can run (anything else is refused with this list)
@@ -73,16 +68,6 @@ _GPU_TILES_32BIT = (64, 32, 64)
 _CPU_TILES = (128, 128, 128)
 _TPU_TILES = (TpuGmmConfig.block_m, TpuGmmConfig.block_k, TpuGmmConfig.block_n)
 _TPU_INTERPRET_TILES = (128, 128, 128)
-
-
-def _xla_block_m(m: int, g: int) -> int:
-    """Row tile of the XLA scan: about the mean group size, a power of two in [16, 128].
-
-    Tiles much larger than a group waste work on group boundaries; much smaller ones
-    add scan steps (2-core CPU, M=2048: E=8 best at 128, E=64 best at 16-32).
-    """
-    mean = max(1, m // max(g, 1))
-    return int(min(128, max(16, 1 << (mean.bit_length() - 1))))
 
 
 def resolve_impl(impl: str | None, backend: str, who: str = "gmm") -> str:
@@ -169,7 +154,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, impl: str | None = None,
       block_m, block_k, block_n: tile sizes; None: per-backend defaults.
         "pallas_triton": powers of two >= 16. "pallas_tpu": block_m a multiple of
         8 (16 for bf16), block_k/block_n multiples of 128 (a dim that fits in one
-        block is taken whole). "xla": block_m alone. "tokamax": ignored.
+        block is taken whole). "xla": block_m alone (the overflow tile, see
+        ``xla.py``). "tokamax": ignored.
       interpret: Pallas interpret mode. None: interpret on CPU only. For
         "pallas_tpu" a ``pltpu.InterpretParams`` selects the TPU interpreter's
         options (e.g. ``detect_races=True``).
@@ -194,83 +180,6 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, impl: str | None = None,
     return gmm_pallas(lhs, rhs, group_sizes, group_offset=group_offset, cfg=cfg)
 
 
-# --------------------------------------------------------------------------------------
-# XLA: scan over (row tile, group) pairs
-
-def _pairs(starts: Array, ends: Array, bm: int, tiles_m: int):
-    """Static-length list of ``(tile, group, valid)`` pairs, tile-major."""
-    g = starts.shape[0]
-    lo, hi = tile_group_range(starts, ends, bm, tiles_m)
-    incl = jnp.cumsum(hi - lo)
-    w = jnp.arange(tiles_m + g, dtype=jnp.int32)
-    tile = jnp.minimum(jnp.searchsorted(incl, w, side="right"), tiles_m - 1).astype(jnp.int32)
-    grp = lo[tile] + w - (incl - (hi - lo))[tile]
-    valid = w < incl[-1]
-    return tile, jnp.clip(grp, 0, g - 1), valid
-
-
-def _row_mask(t, g, ok, starts, ends, bm):
-    rows = t * bm + jnp.arange(bm, dtype=jnp.int32)
-    return (ok & (rows >= starts[g]) & (rows < ends[g]))[:, None]  # [bm, 1]
-
-
-def _gmm_scan(lhs, rhs, starts, ends, bm: int, transpose_rhs: bool = False):
-    m = lhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    mp = -(-m // bm) * bm
-    x_all = jnp.pad(lhs, ((0, mp - m), (0, 0)))
-    eq = "mk,nk->mn" if transpose_rhs else "mk,kn->mn"
-
-    def step(out, pair):
-        t, g, ok = pair
-        x = jax.lax.dynamic_slice_in_dim(x_all, t * bm, bm)  # [bm, K]
-        y = jnp.einsum(eq, x, rhs[g], preferred_element_type=jnp.float32)
-        cur = jax.lax.dynamic_slice_in_dim(out, t * bm, bm)
-        y = cur + jnp.where(_row_mask(t, g, ok, starts, ends, bm), y, 0.0)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, t * bm, 0), None
-
-    out, _ = jax.lax.scan(step, jnp.zeros((mp, n), jnp.float32),
-                          _pairs(starts, ends, bm, mp // bm))
-    return out[:m].astype(lhs.dtype)
-
-
-def _tgmm_scan(lhs, dy, starts, ends, bm: int, out_dtype):
-    m, k = lhs.shape
-    g, n = starts.shape[0], dy.shape[1]
-    mp = -(-m // bm) * bm
-    x_all = jnp.pad(lhs, ((0, mp - m), (0, 0)))
-    y_all = jnp.pad(dy, ((0, mp - m), (0, 0)))
-
-    def step(acc, pair):
-        t, grp, ok = pair
-        mine = _row_mask(t, grp, ok, starts, ends, bm)
-        x = jnp.where(mine, jax.lax.dynamic_slice_in_dim(x_all, t * bm, bm), 0)
-        y = jnp.where(mine, jax.lax.dynamic_slice_in_dim(y_all, t * bm, bm), 0)
-        upd = jnp.einsum("mk,mn->kn", x, y, preferred_element_type=jnp.float32)
-        cur = jax.lax.dynamic_index_in_dim(acc, grp, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(acc, cur + upd, grp, 0), None
-
-    acc, _ = jax.lax.scan(step, jnp.zeros((g, k, n), jnp.float32),
-                          _pairs(starts, ends, bm, mp // bm))
-    return acc.astype(out_dtype)
-
-
-_gmm_xla = grouped_vjp(_gmm_scan, _tgmm_scan)  # (lhs, rhs, group_sizes, group_offset, bm)
-
-
-def gmm_xla(lhs: Array, rhs: Array, group_sizes: Array, *,
-            group_offset: Array | int | None = None, block_m: int | None = None) -> Array:
-    """Pure-XLA grouped matmul (tiled scan; see the module docstring for its cost).
-
-    ``block_m`` None: about the mean group size (a power of two in [16, 128]).
-    """
-    if lhs.shape[0] == 0:
-        return jnp.zeros((0, rhs.shape[2]), lhs.dtype)
-    bm = block_m or _xla_block_m(lhs.shape[0], rhs.shape[0])
-    bm = min(bm, max(8, -(-lhs.shape[0] // 8) * 8))
-    return _gmm_xla(lhs, rhs, group_sizes, group_offset, bm)
-
-
 def tgmm(lhs: Array, dout: Array, group_sizes: Array, num_groups: int, *,
          group_offset: Array | int | None = None, impl: str | None = None,
          block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
@@ -288,9 +197,8 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, num_groups: int, *,
     dtype = jnp.result_type(lhs.dtype, dout.dtype)
     lhs, dout = lhs.astype(dtype), dout.astype(dtype)
     if impl == "xla":
-        bm = block_m or _xla_block_m(lhs.shape[0], num_groups)
-        starts, ends = local_bounds(group_sizes, num_groups, lhs.shape[0], group_offset)
-        return _tgmm_scan(lhs, dout, starts, ends, bm, lhs.dtype)
+        return tgmm_xla(lhs, dout, group_sizes, num_groups, group_offset=group_offset,
+                        block_m=block_m)
     if impl == "tokamax":
         from pallas_kernels.grouped_matmul.tokamax import tgmm_tokamax  # optional dependency
         return tgmm_tokamax(lhs, dout, group_sizes, num_groups, group_offset=group_offset)

@@ -1,8 +1,8 @@
 """Grouped matmul (MoE dispatch), the fp32 oracle, and what every implementation shares.
 
-Shared by the XLA scan (``ops.py``) and the kernels (``pallas_triton.py``,
-``pallas_tpu.py``): the group bookkeeping (``local_bounds``, ``tile_group_range``)
-and the custom-VJP wiring (``grouped_vjp``).
+Shared by the XLA path (``xla.py``) and the kernels (``pallas_triton.py``,
+``pallas_tpu.py``): the group bookkeeping (``local_bounds``, ``tile_group_range``,
+``group_tiles``, ``tile_rows``) and the custom-VJP wiring (``grouped_vjp``).
 
 ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G_all])`` multiplies each run of
 rows of ``lhs`` by its group's weight matrix. Rows are sorted by group: global
@@ -64,6 +64,33 @@ def tile_group_range(starts: Array, ends: Array, block_m: int, tiles_m: int) -> 
     lo = jnp.searchsorted(ends, t0, side="right").astype(jnp.int32)
     hi = jnp.searchsorted(starts, t0 + block_m, side="left").astype(jnp.int32)
     return lo, jnp.maximum(hi, lo)
+
+
+def group_tiles(starts: Array, ends: Array, block_m: int, max_rows: int):
+    """Row tiles that each belong to ONE group: ``(group [n], first_row [n], count)``.
+
+    Group ``g``'s rows ``[starts[g], ends[g])`` are cut into ``ceil(size / block_m)``
+    tiles starting at ``starts[g]`` (the last one may be partial); the tiles are listed
+    group by group, and the first ``count`` (traced) of the static ``n`` entries are in
+    use. ``n`` bounds the total for any sizes summing to at most ``max_rows``:
+    ``sum_g ceil(size_g / block_m) <= (max_rows + G (block_m - 1)) / block_m``.
+    """
+    g_local = starts.shape[0]
+    n_tiles = (ends - starts + block_m - 1) // block_m                  # [G]
+    incl = jnp.cumsum(n_tiles)
+    n = max(1, (max_rows + g_local * (block_m - 1)) // block_m)
+    i = jnp.arange(n, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(incl, i, side="right"), g_local - 1).astype(jnp.int32)
+    first = starts[group] + (i - (incl[group] - n_tiles[group])) * block_m
+    return group, first, incl[-1]
+
+
+def tile_rows(x: Array, first: Array, block_m: int) -> tuple[Array, Array]:
+    """``block_m`` rows of ``x`` from row ``first``, moved back to fit inside ``x``
+    (``block_m <= len(x)``): the slice and the row index of each of its rows ``[block_m]``."""
+    start = jnp.clip(first, 0, x.shape[0] - block_m)
+    return (jax.lax.dynamic_slice_in_dim(x, start, block_m),
+            start + jnp.arange(block_m, dtype=jnp.int32))
 
 
 def grouped_vjp(gmm_call: Callable[..., Array], tgmm_call: Callable[..., Array]):

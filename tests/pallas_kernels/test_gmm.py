@@ -1,4 +1,5 @@
-"""gmm / tgmm (Pallas interpret mode on CPU, and the XLA scan) vs gmm_reference.
+"""gmm / tgmm (Pallas interpret mode on CPU, and the XLA buffers + overflow loop) vs
+gmm_reference.
 
 Values and gradients on ragged groups with empty groups, M not a multiple of the
 row tile, rows beyond sum(group_sizes), group_offset (traced under jit), fp32/bf16.
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gmm, gmm_reference, tgmm
+from pallas_kernels.grouped_matmul import gmm_xla
 from pallas_kernels.grouped_matmul.pallas_triton import GmmConfig, gmm_pallas
 from tests.helpers import rel_rms
 
@@ -108,6 +110,25 @@ def test_tgmm_matches_reference_weight_gradient(impl):
     assert got.shape == rhs.shape
     assert rel_rms(got, ref) < 1e-5
     np.testing.assert_array_equal(np.asarray(got)[[1, 4]], 0)  # empty groups
+
+
+@pytest.mark.parametrize("capacity", [1, 8, 100],
+                         ids=["cap1-all-overflow", "cap8", "cap100-no-loop"])
+def test_xla_buffer_and_overflow_split(capacity):
+    """impl="xla": any split between the batched buffers and the overflow loop is exact."""
+    c = CASES[4]  # group offset, tiny groups, one group of 150 rows
+    lhs, rhs, sizes, dout = make_inputs(c, seed=3)
+    f = lambda x, w: gmm_xla(x, w, sizes, group_offset=jnp.int32(c.offset), block_m=16,
+                             capacity=capacity)
+    r = lambda x, w: gmm_reference(x, w, sizes, group_offset=c.offset)
+    (out, grads), (ref, ref_grads) = jax.jit(
+        lambda x, w, dy: tuple((o, vjp(dy)) for o, vjp in (jax.vjp(f, x, w), jax.vjp(r, x, w))))(
+        lhs, rhs, dout)
+    assert rel_rms(out, ref) < 1e-5
+    for g, gr in zip(grads, ref_grads):
+        assert rel_rms(g, gr) < 1e-5
+    got = tgmm(lhs, dout, sizes, rhs.shape[0], group_offset=c.offset, impl="xla", block_m=16)
+    assert rel_rms(got, ref_grads[1]) < 1e-5
 
 
 def test_default_dispatch_on_cpu_is_xla():

@@ -10,7 +10,8 @@ import pytest
 
 from layers.moe import routers as R
 from layers.moe.dispatch import (capacity_plan, combine_from_assignments, combine_from_plan,
-                                 dense_moe, dropless_moe, expert_choice_plan, onehot_moe, run_plan)
+                                 dense_moe, dropless_moe, expert_choice_plan, onehot_moe, run_plan,
+                                 sorted_dropless_moe)
 from tests.helpers import rel_rms
 
 B, T, D, E, TOP_K, F = 2, 63, 48, 6, 2, 40  # awkward shapes: T=63, odd-ish E
@@ -39,8 +40,13 @@ PATHS = {
     "capacity": lambda x, w, wt, ex: run_plan(
         x, *jax.vmap(capacity_plan, in_axes=(0, 0, None, None))(ex, wt, E, T)[:2], w, E),
     "onehot": lambda x, w, wt, ex: onehot_moe(x, ex, wt, w, T)[0],
+    # on CPU: capacity buffers at the mean load + the overflow loop (layers/moe/overflow.py)
     "dropless": lambda x, w, wt, ex: dropless_moe(
         x.reshape(B * T, D), ex.reshape(-1, TOP_K), wt.reshape(-1, TOP_K), w).reshape(B, T, D),
+    # the kernel path's structure (sort + three grouped matmuls), with the XLA gmm
+    "dropless-sorted": lambda x, w, wt, ex: sorted_dropless_moe(
+        x.reshape(B * T, D), ex.reshape(-1, TOP_K), wt.reshape(-1, TOP_K), w,
+        gmm_impl="xla").reshape(B, T, D),
 }
 
 
